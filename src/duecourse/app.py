@@ -1,0 +1,85 @@
+"""The application factory: one process serves the REST API (and, later, the web pages)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from alembic.runtime.migration import MigrationContext
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError
+
+from duecourse import __version__
+from duecourse.campaigns.api import router as campaigns_router
+from duecourse.clock import Clock, SystemClock
+from duecourse.config import Settings, get_settings
+from duecourse.db import Database
+from duecourse.errors import Conflict, DomainError, FieldError, ValidationFailed
+from duecourse.ledger.api import router as ledger_router
+from duecourse.messaging.api import router as messaging_router
+from duecourse.strategies.api import router as strategies_router
+from duecourse.tenancy.api import router as tenancy_router
+
+API_PREFIX = "/api/v1"
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)
+    return out or ".".join(str(p) for p in loc)
+
+
+def create_app(settings: Settings | None = None, *, clock: Clock | None = None, db: Database | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    app = FastAPI(
+        title="duecourse",
+        version=__version__,
+        description="Automated debt collection and accounts-receivable dunning. "
+        "Authenticate with `Authorization: Bearer <api key>` or a session cookie from `/api/v1/auth/login`.",
+        docs_url="/api/docs",
+        redoc_url="/api/redoc",
+        openapi_url="/api/openapi.json",
+    )
+    app.state.settings = settings
+    app.state.clock = clock or SystemClock()
+    app.state.db = db or Database(settings.database_url, echo=settings.sql_echo)
+
+    @app.exception_handler(DomainError)
+    async def _domain_error(_: Request, exc: DomainError) -> JSONResponse:
+        return JSONResponse(exc.as_dict(), status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _request_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        fields = [FieldError(_loc(tuple(e.get("loc", ()))), e.get("msg", "invalid")) for e in exc.errors()]
+        err = ValidationFailed("Invalid request: " + "; ".join(f"{f.field}: {f.message}" for f in fields), fields)
+        return JSONResponse(err.as_dict(), status_code=422)
+
+    @app.exception_handler(IntegrityError)
+    async def _integrity(_: Request, exc: IntegrityError) -> JSONResponse:
+        # Services check what they can name precisely; this is the last line for races.
+        err = Conflict("The change conflicts with existing data (a duplicate or a reference in use)")
+        return JSONResponse(err.as_dict(), status_code=409)
+
+    @app.get("/health", tags=["operations"], summary="Liveness: the process answers")
+    def health() -> dict[str, str]:
+        return {"status": "ok", "version": __version__}
+
+    @app.get("/ready", tags=["operations"], summary="Readiness: the database answers and is migrated")
+    def ready() -> JSONResponse:
+        try:
+            with app.state.db.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+                revision = MigrationContext.configure(conn).get_current_revision()
+        except Exception as exc:  # noqa: BLE001 - readiness reports any failure
+            return JSONResponse({"status": "unavailable", "detail": type(exc).__name__}, status_code=503)
+        if revision is None:
+            return JSONResponse({"status": "unavailable", "detail": "database not migrated"}, status_code=503)
+        return JSONResponse({"status": "ready", "database": app.state.db.dialect, "revision": revision})
+
+    for router in (tenancy_router, ledger_router, strategies_router, campaigns_router, messaging_router):
+        app.include_router(router, prefix=API_PREFIX)
+    return app

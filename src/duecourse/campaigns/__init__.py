@@ -1,0 +1,1 @@
+"""Campaigns (SPEC §5): lifecycle, membership, KPIs."""

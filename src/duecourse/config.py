@@ -1,0 +1,48 @@
+"""Process-wide settings, read from ``DUECOURSE_*`` environment variables (or a ``.env`` file).
+
+Per-organization settings (automation, dispatch rules, exclusions) live in the database:
+see :mod:`duecourse.tenancy.settings`.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DUECOURSE_", env_file=".env", extra="ignore")
+
+    database_url: str = Field(
+        default="sqlite:///duecourse.db",
+        description="SQLAlchemy URL. SQLite file by default; postgresql+psycopg://user@host/db in production.",
+    )
+    secret_key: str = Field(
+        default="change-me-in-production",
+        description="Signs session cookies and CSRF tokens. Set a long random value in production.",
+    )
+    host: str = "127.0.0.1"
+    port: int = 8000
+    debug: bool = False
+    sql_echo: bool = False
+    session_max_age_seconds: int = 60 * 60 * 12
+    page_size_max: int = 500
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def sqlite_path(self) -> Path | None:
+        if not self.is_sqlite:
+            return None
+        raw = self.database_url.split("///", 1)[-1]
+        return None if raw in ("", ":memory:") else Path(raw)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,92 @@
+"""Declarative base and the column types every domain uses.
+
+Money is stored as a scaled integer (ten-thousandths of the currency unit) so that sums and
+comparisons are exact on SQLite and PostgreSQL alike; Python sees :class:`decimal.Decimal`.
+Timestamps are stored as naive UTC and handed out timezone-aware.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+
+from sqlalchemy import BigInteger, DateTime, Integer, MetaData
+from sqlalchemy.orm import DeclarativeBase
+from sqlalchemy.types import TypeDecorator
+
+MONEY_SCALE = 10_000
+MONEY_PLACES = 4
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# SQLite only auto-increments INTEGER PRIMARY KEY; BigInteger elsewhere.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+def money_to_units(value: Decimal | int | str) -> int:
+    """Exact conversion of a decimal amount to stored units; refuses sub-unit precision."""
+    d = Decimal(value)
+    scaled = d * MONEY_SCALE
+    if scaled != scaled.to_integral_value():
+        raise ValueError(f"amount {value} has more than {MONEY_PLACES} decimal places")
+    return int(scaled)
+
+
+def units_to_money(units: int) -> Decimal:
+    return (Decimal(int(units)) / MONEY_SCALE).quantize(Decimal(1).scaleb(-MONEY_PLACES))
+
+
+class Money(TypeDecorator[Decimal]):
+    """An exact decimal amount stored as a BIGINT of ten-thousandths."""
+
+    impl = BigInteger
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):  # type: ignore[no-untyped-def]
+        if value is None:
+            return None
+        return money_to_units(value)
+
+    def process_result_value(self, value, dialect):  # type: ignore[no-untyped-def]
+        if value is None:
+            return None
+        return units_to_money(value)
+
+    @property
+    def python_type(self) -> type:
+        return Decimal
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes in Python, naive UTC in the database (same on both dialects)."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):  # type: ignore[no-untyped-def]
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given where UTC is required")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value, dialect):  # type: ignore[no-untyped-def]
+        if value is None:
+            return None
+        if isinstance(value, str):
+            value = datetime.fromisoformat(value)
+        return value.replace(tzinfo=UTC)
+
+    @property
+    def python_type(self) -> type:
+        return datetime

@@ -1,0 +1,79 @@
+"""FastAPI dependencies shared by every router: the request's session, the clock, the caller."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session
+
+from duecourse.clock import Clock
+from duecourse.errors import Unauthorized
+from duecourse.tenancy import service as tenancy
+from duecourse.tenancy.principal import Permission, Principal
+from duecourse.tenancy.security import load_session_token
+
+SESSION_COOKIE = "duecourse_session"
+
+
+def _session(request: Request) -> Iterator[Session]:
+    """One session per request: commits when the route returns, rolls back when it raises."""
+    db = request.app.state.db
+    session = db.sessionmaker()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+# scope="function": commit before the response is sent, so a failed commit is never reported as success.
+DbSession = Annotated[Session, Depends(_session, scope="function")]
+
+
+def _clock(request: Request) -> Clock:
+    return request.app.state.clock
+
+
+AppClock = Annotated[Clock, Depends(_clock)]
+
+
+def _principal(request: Request, session: DbSession, clock: AppClock) -> Principal:
+    auth = request.headers.get("authorization", "")
+    if auth:
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise Unauthorized("Use 'Authorization: Bearer <api key>'")
+        principal = tenancy.principal_for_api_key(session, token.strip(), clock.now())
+        if principal is None:
+            raise Unauthorized("Invalid or revoked API key")
+        return principal
+    cookie = request.cookies.get(SESSION_COOKIE)
+    if cookie:
+        settings = request.app.state.settings
+        data = load_session_token(settings.secret_key, cookie, settings.session_max_age_seconds)
+        if data and isinstance(data.get("uid"), int):
+            principal = tenancy.principal_for_user(session, data["uid"])
+            if principal is not None:
+                return principal
+    raise Unauthorized()
+
+
+CurrentPrincipal = Annotated[Principal, Depends(_principal)]
+
+
+def requires(permission: Permission):  # type: ignore[no-untyped-def]
+    """Dependency: the caller, after checking their role grants ``permission`` (403 otherwise)."""
+
+    def _check(principal: CurrentPrincipal) -> Principal:
+        principal.require(permission)
+        return principal
+
+    return Depends(_check)
+
+
+Reader = Annotated[Principal, requires(Permission.read)]

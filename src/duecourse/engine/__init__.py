@@ -1,0 +1,1 @@
+"""The execution engine (SPEC §4): eligibility, enqueueing, the queue, dispatch rules, outcomes, scheduler."""

@@ -1,0 +1,1 @@
+"""Accounts (debtors), invoices, payments, promises to pay, derived balances and imports."""

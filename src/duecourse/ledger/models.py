@@ -1,0 +1,256 @@
+from __future__ import annotations
+
+from datetime import date, datetime
+from decimal import Decimal
+from enum import StrEnum
+
+from sqlalchemy import (
+    Boolean,
+    CheckConstraint,
+    Date,
+    ForeignKey,
+    Index,
+    Integer,
+    SmallInteger,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import Mapped, mapped_column
+
+from duecourse.db.base import Base, BigId, Money, UTCDateTime
+from duecourse.db.columns import org_fk, pk, str_enum, utc_timestamp
+
+
+class AccountStatus(StrEnum):
+    """SPEC §4.1."""
+
+    unassigned = "unassigned"
+    pending_contact = "pending_contact"
+    in_auto_management = "in_auto_management"
+    callback_pending = "callback_pending"
+    promise_pending = "promise_pending"
+    promise_overdue = "promise_overdue"
+    sequence_completed = "sequence_completed"
+    resolved = "resolved"
+
+
+CONTACTABLE_STATUSES = (
+    AccountStatus.pending_contact,
+    AccountStatus.in_auto_management,
+    AccountStatus.promise_overdue,
+)
+
+
+class CollectionTab(StrEnum):
+    """SPEC §6: the auto-collection tab of an account with money outstanding."""
+
+    outstanding = "outstanding"
+    scheduled = "scheduled"
+    engaged = "engaged"
+    follow_up = "follow_up"
+    blocked = "blocked"
+
+
+class InvoiceStatus(StrEnum):
+    open = "open"
+    paid = "paid"
+    void = "void"
+
+
+class PromiseStatus(StrEnum):
+    pending = "pending"
+    kept = "kept"
+    broken = "broken"
+    cancelled = "cancelled"
+
+
+class PromiseSource(StrEnum):
+    voice_call = "voice_call"
+    agent = "agent"
+    portal = "portal"
+    api = "api"
+
+
+class PaymentSource(StrEnum):
+    api = "api"
+    import_ = "import"
+    agent = "agent"
+    webhook = "webhook"
+
+
+class Account(Base):
+    """A debtor. Also carries the engine's case state (SPEC §4.2) and the derived values of §2/§6.
+
+    The derived columns (``balance``, ``gross_open``, ``carrying_*``, ``collection_tab``) are kept by
+    :func:`duecourse.ledger.derived.refresh_accounts`, set-based, whenever invoices, payments or the
+    account's state change, so listing and filtering a million accounts stays an index lookup.
+    """
+
+    __tablename__ = "accounts"
+    __table_args__ = (
+        UniqueConstraint("organization_id", "external_id", name="uq_accounts_org_external_id"),
+        Index("ix_accounts_org_tab_id", "organization_id", "collection_tab", "id"),
+        Index("ix_accounts_org_status_id", "organization_id", "status", "id"),
+        Index("ix_accounts_strategy_id", "strategy_id"),
+        Index("ix_accounts_campaign_id", "campaign_id"),
+        CheckConstraint("score IS NULL OR (score >= 0 AND score <= 100)", name="score_range"),
+    )
+
+    id: Mapped[int] = pk()
+    organization_id: Mapped[int] = mapped_column(
+        BigId, ForeignKey("organizations.id", ondelete="CASCADE"), nullable=False
+    )
+    external_id: Mapped[str] = mapped_column(String(100), nullable=False)
+    name: Mapped[str] = mapped_column(String(200), nullable=False)
+    email: Mapped[str | None] = mapped_column(String(320))
+    phone: Mapped[str | None] = mapped_column(String(20))
+    whatsapp: Mapped[str | None] = mapped_column(String(20))
+    timezone: Mapped[str | None] = mapped_column(String(64))
+    language: Mapped[str | None] = mapped_column(String(16))
+    currency: Mapped[str] = mapped_column(String(3), nullable=False)
+    score: Mapped[int | None] = mapped_column(SmallInteger)
+    opt_out_email: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    opt_out_sms: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    opt_out_whatsapp: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    opt_out_voice: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    contact_flags: Mapped[str | None] = mapped_column(String(200))
+    blocked: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    blocked_reason: Mapped[str | None] = mapped_column(String(500))
+    paused: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    on_stop: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    status: Mapped[AccountStatus] = mapped_column(
+        str_enum(AccountStatus, "account_status"), nullable=False, default=AccountStatus.unassigned
+    )
+    strategy_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("strategies.id", ondelete="SET NULL"))
+    campaign_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("campaigns.id", ondelete="SET NULL"))
+    campaign_joined_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    # Case state (SPEC §4.2), one open case per account.
+    case_number: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    case_opened_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    case_anchor_date: Mapped[date | None] = mapped_column(Date)
+    case_invoice_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("invoices.id", ondelete="SET NULL", use_alter=True))
+    case_next_stage: Mapped[int | None] = mapped_column(SmallInteger)
+    case_prev_completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    case_retry_count: Mapped[int] = mapped_column(SmallInteger, nullable=False, default=0)
+    case_sequence_finished: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    case_delay_factor: Mapped[Decimal | None] = mapped_column(Money)
+    case_tone_override: Mapped[str | None] = mapped_column(String(16))
+    callback_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    # Derived (see class docstring).
+    balance: Mapped[Decimal] = mapped_column(Money, nullable=False, default=Decimal(0))
+    gross_open: Mapped[Decimal] = mapped_column(Money, nullable=False, default=Decimal(0))
+    carrying_invoice_id: Mapped[int | None] = mapped_column(
+        BigId, ForeignKey("invoices.id", ondelete="SET NULL", use_alter=True)
+    )
+    carrying_due_date: Mapped[date | None] = mapped_column(Date)
+    collection_tab: Mapped[CollectionTab | None] = mapped_column(str_enum(CollectionTab, "collection_tab"))
+
+    last_interaction_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = utc_timestamp()
+    updated_at: Mapped[datetime] = utc_timestamp()
+
+
+class AccountTag(Base):
+    __tablename__ = "account_tags"
+    __table_args__ = (Index("ix_account_tags_org_tag", "organization_id", "tag", "account_id"),)
+
+    account_id: Mapped[int] = mapped_column(BigId, ForeignKey("accounts.id", ondelete="CASCADE"), primary_key=True)
+    tag: Mapped[str] = mapped_column(String(64), primary_key=True)
+    organization_id: Mapped[int] = mapped_column(BigId, ForeignKey("organizations.id", ondelete="CASCADE"), nullable=False)
+
+
+class Invoice(Base):
+    __tablename__ = "invoices"
+    __table_args__ = (
+        UniqueConstraint("organization_id", "external_id", name="uq_invoices_org_external_id"),
+        Index("ix_invoices_account_open", "account_id", "status", "due_date", "number"),
+        CheckConstraint("total >= 0", name="total_nonnegative"),
+        CheckConstraint("amount_paid >= 0", name="paid_nonnegative"),
+        CheckConstraint("due_date >= issue_date", name="due_after_issue"),
+    )
+
+    id: Mapped[int] = pk()
+    organization_id: Mapped[int] = mapped_column(
+        BigId, ForeignKey("organizations.id", ondelete="CASCADE"), nullable=False
+    )
+    account_id: Mapped[int] = mapped_column(BigId, ForeignKey("accounts.id", ondelete="CASCADE"), nullable=False)
+    external_id: Mapped[str] = mapped_column(String(100), nullable=False)
+    number: Mapped[str] = mapped_column(String(100), nullable=False)
+    currency: Mapped[str] = mapped_column(String(3), nullable=False)
+    total: Mapped[Decimal] = mapped_column(Money, nullable=False)
+    amount_paid: Mapped[Decimal] = mapped_column(Money, nullable=False, default=Decimal(0))
+    issue_date: Mapped[date] = mapped_column(Date, nullable=False)
+    due_date: Mapped[date] = mapped_column(Date, nullable=False)
+    status: Mapped[InvoiceStatus] = mapped_column(
+        str_enum(InvoiceStatus, "invoice_status"), nullable=False, default=InvoiceStatus.open
+    )
+    disputed: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    created_at: Mapped[datetime] = utc_timestamp()
+    updated_at: Mapped[datetime] = utc_timestamp()
+
+
+class Payment(Base):
+    __tablename__ = "payments"
+    __table_args__ = (
+        UniqueConstraint("organization_id", "external_id", name="uq_payments_org_external_id"),
+        Index("ix_payments_account", "account_id", "paid_on"),
+        CheckConstraint("amount > 0", name="amount_positive"),
+    )
+
+    id: Mapped[int] = pk()
+    organization_id: Mapped[int] = mapped_column(
+        BigId, ForeignKey("organizations.id", ondelete="CASCADE"), nullable=False
+    )
+    account_id: Mapped[int] = mapped_column(BigId, ForeignKey("accounts.id", ondelete="CASCADE"), nullable=False)
+    invoice_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("invoices.id", ondelete="SET NULL"))
+    external_id: Mapped[str] = mapped_column(String(100), nullable=False)
+    amount: Mapped[Decimal] = mapped_column(Money, nullable=False)
+    currency: Mapped[str] = mapped_column(String(3), nullable=False)
+    paid_on: Mapped[date] = mapped_column(Date, nullable=False)
+    source: Mapped[PaymentSource] = mapped_column(str_enum(PaymentSource, "payment_source"), nullable=False)
+    reference: Mapped[str | None] = mapped_column(String(200))
+    unallocated: Mapped[Decimal] = mapped_column(Money, nullable=False, default=Decimal(0))
+    created_at: Mapped[datetime] = utc_timestamp()
+
+
+class PaymentAllocation(Base):
+    """How much of a payment settled which invoice (oldest-first unless the payment names one)."""
+
+    __tablename__ = "payment_allocations"
+
+    payment_id: Mapped[int] = mapped_column(BigId, ForeignKey("payments.id", ondelete="CASCADE"), primary_key=True)
+    invoice_id: Mapped[int] = mapped_column(
+        BigId, ForeignKey("invoices.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
+    organization_id: Mapped[int] = org_fk()
+    amount: Mapped[Decimal] = mapped_column(Money, nullable=False)
+
+
+class Promise(Base):
+    __tablename__ = "promises"
+    __table_args__ = (
+        Index("ix_promises_org_status_date", "organization_id", "status", "promised_date"),
+        Index("ix_promises_account", "account_id"),
+        CheckConstraint("amount > 0", name="amount_positive"),
+    )
+
+    id: Mapped[int] = pk()
+    organization_id: Mapped[int] = mapped_column(
+        BigId, ForeignKey("organizations.id", ondelete="CASCADE"), nullable=False
+    )
+    account_id: Mapped[int] = mapped_column(BigId, ForeignKey("accounts.id", ondelete="CASCADE"), nullable=False)
+    amount: Mapped[Decimal] = mapped_column(Money, nullable=False)
+    currency: Mapped[str] = mapped_column(String(3), nullable=False)
+    promised_date: Mapped[date] = mapped_column(Date, nullable=False)
+    status: Mapped[PromiseStatus] = mapped_column(
+        str_enum(PromiseStatus, "promise_status"), nullable=False, default=PromiseStatus.pending
+    )
+    source: Mapped[PromiseSource] = mapped_column(str_enum(PromiseSource, "promise_source"), nullable=False)
+    note: Mapped[str | None] = mapped_column(Text)
+    interaction_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("interactions.id", ondelete="SET NULL"))
+    created_by_user_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("users.id", ondelete="SET NULL"))
+    created_at: Mapped[datetime] = utc_timestamp()
+    settled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

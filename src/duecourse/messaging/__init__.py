@@ -1,0 +1,1 @@
+"""Message templates and their sandboxed rendering (SPEC §7)."""

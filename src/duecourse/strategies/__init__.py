@@ -1,0 +1,1 @@
+"""Strategies and their stages (SPEC §3): validation, audit log, performance."""

@@ -1,0 +1,1 @@
+"""Organizations, users, roles, API keys, authentication, settings and the audit log."""

@@ -1,0 +1,166 @@
+"""REST routes for authentication, the organization, users, API keys and settings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Body, Request, Response
+from sqlalchemy import select
+
+from duecourse.deps import SESSION_COOKIE, AppClock, CurrentPrincipal, DbSession, Reader, requires
+from duecourse.errors import FieldError, ValidationFailed
+from duecourse.tenancy import service
+from duecourse.tenancy.models import User
+from duecourse.tenancy.principal import ROLE_PERMISSIONS, Permission, Principal
+from duecourse.tenancy.schemas import (
+    ApiKeyCreated,
+    ApiKeyIn,
+    ApiKeyOut,
+    LoginIn,
+    MeOut,
+    OrganizationOut,
+    OrganizationPatch,
+    UserIn,
+    UserOut,
+    UserPatch,
+)
+from duecourse.tenancy.scope import get_owned
+from duecourse.tenancy.security import hash_password, session_serializer
+from duecourse.tenancy.settings import OrgSettings
+
+router = APIRouter(tags=["organization and access"])
+Admin = requires(Permission.manage_users)
+SettingsAdmin = requires(Permission.manage_settings)
+
+
+@router.post("/auth/login", response_model=UserOut, summary="Log in with email and password (sets a session cookie)")
+def login(body: LoginIn, request: Request, response: Response, session: DbSession, clock: AppClock) -> User:
+    user = service.authenticate_password(session, email=body.email, password=body.password, now=clock.now())
+    settings = request.app.state.settings
+    token = session_serializer(settings.secret_key).dumps({"uid": user.id})
+    response.set_cookie(
+        SESSION_COOKIE, token, httponly=True, samesite="lax", max_age=settings.session_max_age_seconds
+    )
+    return user
+
+
+@router.post("/auth/logout", status_code=204, summary="Log out (clears the session cookie)")
+def logout(response: Response) -> Response:
+    response.delete_cookie(SESSION_COOKIE)
+    response.status_code = 204
+    return response
+
+
+@router.get("/me", response_model=MeOut, summary="The caller: organization, role and permissions")
+def me(principal: CurrentPrincipal, session: DbSession) -> dict[str, Any]:
+    org = service.get_organization(session, principal.organization_id)
+    return {
+        "organization": org,
+        "role": principal.role,
+        "actor": principal.actor,
+        "user_id": principal.user_id,
+        "permissions": sorted(p.value for p in ROLE_PERMISSIONS[principal.role]),
+    }
+
+
+@router.get("/organization", response_model=OrganizationOut)
+def get_organization(principal: Reader, session: DbSession) -> Any:
+    return service.get_organization(session, principal.organization_id)
+
+
+@router.patch("/organization", response_model=OrganizationOut)
+def patch_organization(body: OrganizationPatch, session: DbSession, principal: Principal = SettingsAdmin) -> Any:
+    org = service.get_organization(session, principal.organization_id)
+    for k, v in body.model_dump(exclude_unset=True).items():
+        if v is None:
+            raise ValidationFailed.on(k, "must not be null")
+        setattr(org, k, v)
+    return org
+
+
+@router.get("/users", response_model=list[UserOut])
+def list_users(session: DbSession, principal: Principal = Admin) -> Any:
+    return service.list_users(session, organization_id=principal.organization_id)
+
+
+@router.post("/users", response_model=UserOut, status_code=201)
+def create_user(body: UserIn, session: DbSession, clock: AppClock, principal: Principal = Admin) -> Any:
+    return service.create_user(
+        session,
+        organization_id=principal.organization_id,
+        email=body.email,
+        password=body.password,
+        role=body.role,
+        name=body.name,
+        now=clock.now(),
+    )
+
+
+@router.get("/users/{user_id}", response_model=UserOut)
+def get_user(user_id: int, session: DbSession, principal: Principal = Admin) -> Any:
+    return get_owned(session, User, user_id, principal.organization_id, "User")
+
+
+@router.patch("/users/{user_id}", response_model=UserOut)
+def patch_user(user_id: int, body: UserPatch, session: DbSession, principal: Principal = Admin) -> Any:
+    user = get_owned(session, User, user_id, principal.organization_id, "User")
+    data = body.model_dump(exclude_unset=True)
+    if user.id == principal.user_id and (data.get("role") not in (None, user.role) or data.get("active") is False):
+        raise ValidationFailed.on("role", "you cannot demote or deactivate yourself")
+    for k, v in data.items():
+        if v is None:
+            raise ValidationFailed.on(k, "must not be null")
+        if k == "password":
+            user.password_hash = hash_password(v)
+        else:
+            setattr(user, k, v)
+    return user
+
+
+@router.delete("/users/{user_id}", status_code=204)
+def delete_user(user_id: int, session: DbSession, principal: Principal = Admin) -> Response:
+    user = get_owned(session, User, user_id, principal.organization_id, "User")
+    if user.id == principal.user_id:
+        raise ValidationFailed.on("user_id", "you cannot delete yourself")
+    admins = session.scalars(
+        select(User.id).where(User.organization_id == principal.organization_id, User.role == "admin", User.active)
+    ).all()
+    if user.role == "admin" and len(admins) <= 1:
+        raise ValidationFailed("The last admin cannot be deleted", [FieldError("user_id", "last admin")])
+    session.delete(user)
+    return Response(status_code=204)
+
+
+@router.get("/api-keys", response_model=list[ApiKeyOut])
+def list_api_keys(session: DbSession, principal: Principal = Admin) -> Any:
+    return service.list_api_keys(session, organization_id=principal.organization_id)
+
+
+@router.post("/api-keys", response_model=ApiKeyCreated, status_code=201, summary="Create an API key (shown once)")
+def create_api_key(body: ApiKeyIn, session: DbSession, clock: AppClock, principal: Principal = Admin) -> Any:
+    created = service.create_api_key(
+        session,
+        organization_id=principal.organization_id,
+        name=body.name,
+        role=body.role,
+        now=clock.now(),
+        created_by_user_id=principal.user_id,
+    )
+    return {**ApiKeyOut.model_validate(created.api_key).model_dump(), "key": created.key}
+
+
+@router.post("/api-keys/{key_id}/revoke", response_model=ApiKeyOut, summary="Revoke an API key")
+def revoke_api_key(key_id: int, session: DbSession, clock: AppClock, principal: Principal = Admin) -> Any:
+    return service.revoke_api_key(session, organization_id=principal.organization_id, key_id=key_id, now=clock.now())
+
+
+@router.get("/settings", response_model=OrgSettings, summary="Automation, dispatch-rule and exclusion settings")
+def get_settings(principal: Reader, session: DbSession) -> Any:
+    return service.get_settings(session, principal.organization_id)
+
+
+@router.patch("/settings", response_model=OrgSettings, summary="Change settings (nested partial update, audited)")
+def patch_settings(
+    session: DbSession, clock: AppClock, body: dict[str, Any] = Body(...), principal: Principal = SettingsAdmin
+) -> Any:
+    return service.update_settings(session, principal=principal, patch=body, now=clock.now())

@@ -1,0 +1,97 @@
+"""Access control (SPEC §1): authentication, roles, API keys, organization scope, settings."""
+
+from __future__ import annotations
+
+
+def test_health_and_ready(client):
+    assert client.get("/health").json()["status"] == "ok"
+    r = client.get("/ready")
+    assert r.status_code == 200
+    assert r.json()["revision"] == "0001"
+
+
+def test_no_credentials_is_401_with_error_format(client):
+    r = client.get("/api/v1/me")
+    assert r.status_code == 401
+    assert r.json()["error"]["code"] == "unauthorized"
+
+
+def test_invalid_and_revoked_keys_are_401(org):
+    r = org.client.get("/api/v1/me", headers={"Authorization": "Bearer dc_nope"})
+    assert r.status_code == 401
+    created = org.post("/api/v1/api-keys", json={"name": "temp", "role": "viewer"})
+    assert created.status_code == 201
+    key = created.json()["key"]
+    assert key.startswith("dc_")
+    assert org.client.get("/api/v1/me", headers={"Authorization": f"Bearer {key}"}).json()["role"] == "viewer"
+    # the key is never shown again
+    listed = org.get("/api/v1/api-keys").json()
+    assert all("key" not in k for k in listed)
+    assert org.post(f"/api/v1/api-keys/{created.json()['id']}/revoke").json()["revoked_at"] is not None
+    assert org.client.get("/api/v1/me", headers={"Authorization": f"Bearer {key}"}).status_code == 401
+
+
+def test_login_with_password_sets_session_cookie(org, client):
+    bad = client.post("/api/v1/auth/login", json={"email": org.admin_email, "password": "wrong password"})
+    assert bad.status_code == 401
+    ok = client.post("/api/v1/auth/login", json={"email": org.admin_email, "password": org.admin_password})
+    assert ok.status_code == 200
+    me = client.get("/api/v1/me")
+    assert me.status_code == 200 and me.json()["role"] == "admin" and me.json()["actor"] == org.admin_email
+    client.post("/api/v1/auth/logout")
+    client.cookies.clear()
+    assert client.get("/api/v1/me").status_code == 401
+
+
+def test_roles_are_enforced(org):
+    assert org.get("/api/v1/users", role="viewer").status_code == 403
+    assert org.get("/api/v1/users", role="manager").status_code == 403
+    assert org.get("/api/v1/users", role="admin").status_code == 200
+    r = org.patch("/api/v1/settings", role="manager", json={"automation": {"auto_enqueue": True}})
+    assert r.status_code == 403
+    assert r.json()["error"]["code"] == "forbidden"
+    assert org.get("/api/v1/settings", role="viewer").json()["automation"]["auto_enqueue"] is False
+
+
+def test_users_are_scoped_to_their_organization(org, other_org):
+    u = org.post("/api/v1/users", json={"email": "agent@example.com", "password": "longenough", "role": "agent"})
+    assert u.status_code == 201
+    uid = u.json()["id"]
+    assert other_org.get(f"/api/v1/users/{uid}").status_code == 404
+    assert other_org.patch(f"/api/v1/users/{uid}", json={"role": "admin"}).status_code == 404
+    assert other_org.delete(f"/api/v1/users/{uid}").status_code == 404
+    assert org.get(f"/api/v1/users/{uid}").json()["email"] == "agent@example.com"
+    assert all(x["id"] != uid for x in other_org.get("/api/v1/users").json())
+
+
+def test_user_validation(org):
+    r = org.post("/api/v1/users", json={"email": "not-an-email", "password": "short", "role": "boss"})
+    assert r.status_code == 422
+    fields = {f["field"] for f in r.json()["error"]["fields"]}
+    assert {"email", "password", "role"} <= fields
+    ok = org.post("/api/v1/users", json={"email": "dup@example.com", "password": "longenough", "role": "agent"})
+    assert ok.status_code == 201
+    dup = org.post("/api/v1/users", json={"email": "DUP@example.com", "password": "longenough", "role": "agent"})
+    assert dup.status_code == 409
+
+
+def test_settings_defaults_update_validation_and_audit(org):
+    s = org.get("/api/v1/settings").json()
+    assert s["automation"]["scheduler_interval_minutes"] == 5
+    assert s["dispatch"]["frequency_limits"]["overall"]["per_day"] == 1
+    assert s["dispatch"]["frequency_limits"]["voice"]["per_week"] == 7
+    assert s["dispatch"]["allowed_hours"]["sms"] == {"start": "08:00", "end": "20:00", "days": ["mon", "tue", "wed", "thu", "fri", "sat"]}
+    assert s["dispatch"]["allowed_hours"]["voice"]["end"] == "21:00"
+    assert s["outcomes"]["promise_grace_days"] == 1 and s["outcomes"]["callback_expiry_hours"] == 24
+
+    bad = org.patch("/api/v1/settings", json={"dispatch": {"allowed_hours": {"sms": {"start": "25:00"}}}})
+    assert bad.status_code == 422
+    assert any("allowed_hours.sms.start" in f["field"] for f in bad.json()["error"]["fields"])
+    unknown = org.patch("/api/v1/settings", json={"automation": {"auto_enqueu": True}})
+    assert unknown.status_code == 422
+    assert org.get("/api/v1/settings").json() == s  # nothing changed
+
+    ok = org.patch("/api/v1/settings", json={"automation": {"auto_enqueue": True, "scheduler_interval_minutes": 10}})
+    assert ok.status_code == 200
+    assert ok.json()["automation"]["auto_enqueue"] is True
+    assert ok.json()["dispatch"] == s["dispatch"]
