@@ -7,7 +7,7 @@ from typing import Any
 from alembic.runtime.migration import MigrationContext
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 
@@ -63,6 +63,16 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None, 
         # Services check what they can name precisely; this is the last line for races.
         err = Conflict("The change conflicts with existing data (a duplicate or a reference in use)")
         return JSONResponse(err.as_dict(), status_code=409)
+
+    @app.get("/", include_in_schema=False)
+    def home() -> HTMLResponse:
+        return HTMLResponse(
+            "<!doctype html><title>duecourse</title><h1>duecourse</h1>"
+            "<p>The collection engine is running.</p>"
+            '<ul><li><a href="/api/docs">REST API: interactive documentation</a></li>'
+            '<li><a href="/api/openapi.json">OpenAPI document</a></li>'
+            '<li><a href="/ready">Readiness</a></li></ul>'
+        )
 
     @app.get("/health", tags=["operations"], summary="Liveness: the process answers")
     def health() -> dict[str, str]:

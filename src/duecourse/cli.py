@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 import typer
+from sqlalchemy import select
 from rich.console import Console
 
 from duecourse.clock import SystemClock
@@ -89,8 +88,37 @@ def serve(
     uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
+@app.command()
+def demo(
+    host: str = typer.Option(None, help="Bind address (default DUECOURSE_HOST or 127.0.0.1)"),
+    port: int = typer.Option(None, help="Port (default DUECOURSE_PORT or 8000)"),
+    no_serve: bool = typer.Option(False, "--no-serve", help="Load the demo data and exit"),
+) -> None:
+    """Migrate, load the demo organization (once), and serve: the embedded setup of the README."""
+    from duecourse.demo import DEMO_EMAIL, DEMO_PASSWORD, demo_loaded, load_demo
+    from duecourse.engine.runs import run_strategy_now
+    from duecourse.strategies.models import Strategy
+    from duecourse.tenancy.principal import Principal
+
+    settings = get_settings()
+    upgrade(settings.database_url)
+    db = Database(settings.database_url)
+    try:
+        with db.transaction() as session:
+            if not demo_loaded(session):
+                now = SystemClock().now()
+                org = load_demo(session, now=now)
+                session.flush()
+                for strategy in session.scalars(
+                    select(Strategy).where(Strategy.organization_id == org.id, Strategy.active.is_(True))
+                ):
+                    run_strategy_now(session, strategy=strategy, now=now, principal=Principal.system(org.id))
+                console.print("demo data loaded")
+    finally:
+        db.dispose()
+    console.print(f"log in as [bold]{DEMO_EMAIL}[/bold] with password [bold]{DEMO_PASSWORD}[/bold]")
+    if not no_serve:
+        serve(host=host, port=port, migrate_first=False)
 
 
 def main() -> None:  # pragma: no cover
