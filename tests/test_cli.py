@@ -1,0 +1,69 @@
+"""The command line: init, migrate and the embedded demo, against both databases."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import func, select
+from typer.testing import CliRunner
+
+from duecourse.cli import app
+from duecourse.config import get_settings
+from duecourse.ledger.models import Account
+from duecourse.tenancy.models import ApiKey, Organization, User
+from duecourse.tenancy.security import hash_api_key
+
+
+@pytest.fixture
+def cli(db, monkeypatch):
+    monkeypatch.setenv("DUECOURSE_DATABASE_URL", db.url)
+    get_settings.cache_clear()
+    yield CliRunner()
+    get_settings.cache_clear()
+
+
+def test_migrate_is_idempotent(cli):
+    for _ in range(2):
+        r = cli.invoke(app, ["migrate"])
+        assert r.exit_code == 0, r.output
+        assert "up to date" in r.output
+
+
+def test_init_creates_org_admin_and_working_key(cli, db, client):
+    r = cli.invoke(
+        app,
+        ["init", "--organization", "Acme", "--email", "Boss@Acme.example", "--password", "s3cret-pass",
+         "--timezone", "America/New_York", "--currency", "usd"],
+    )
+    assert r.exit_code == 0, r.output
+    key = r.output.strip().splitlines()[-1]
+    with db.transaction() as s:
+        org = s.scalar(select(Organization).where(Organization.name == "Acme"))
+        assert (org.timezone, org.base_currency) == ("America/New_York", "USD")
+        assert s.scalar(select(User.role).where(User.email == "boss@acme.example")) == "admin"
+        assert s.scalar(select(ApiKey).where(ApiKey.key_hash == hash_api_key(key))).organization_id == org.id
+    me = client.get("/api/v1/me", headers={"Authorization": f"Bearer {key}"})
+    assert me.status_code == 200 and me.json()["organization"]["name"] == "Acme"
+
+
+def test_init_refuses_bad_input_and_changes_nothing(cli, db):
+    r = cli.invoke(app, ["init", "-o", "X", "--email", "a@b.example", "--password", "long-enough", "--timezone", "Mars/Base"])
+    assert r.exit_code == 2 and "Mars/Base" in r.output
+    r = cli.invoke(app, ["init", "-o", "X", "--email", "a@b.example", "--password", "long-enough", "--currency", "XYZ"])
+    assert r.exit_code == 2 and "XYZ" in r.output
+    with db.transaction() as s:
+        assert s.scalar(select(func.count()).select_from(Organization)) == 0
+
+
+def test_demo_loads_once(cli, db):
+    for _ in range(2):
+        r = cli.invoke(app, ["demo", "--no-serve"])
+        assert r.exit_code == 0, r.output
+        assert "duecourse-demo" in r.output
+    with db.transaction() as s:
+        assert s.scalar(select(func.count()).select_from(Organization)) == 1
+        accounts = s.scalars(select(Account)).all()
+        assert len(accounts) == 60
+        # Derived values were computed and Run Now assigned the overdue accounts outside the campaign.
+        assert all(a.balance > 0 for a in accounts if a.collection_tab is not None)
+        assert {a.status for a in accounts if a.campaign_id is None} <= {"pending_contact", "unassigned", "resolved"}
+        assert any(a.status == "pending_contact" for a in accounts)
