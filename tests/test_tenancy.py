@@ -95,3 +95,16 @@ def test_settings_defaults_update_validation_and_audit(org):
     assert ok.status_code == 200
     assert ok.json()["automation"]["auto_enqueue"] is True
     assert ok.json()["dispatch"] == s["dispatch"]
+
+
+def test_settings_changes_are_in_the_audit_log(org, other_org):
+    org.patch("/api/v1/settings", json={"exclusions": {"min_balance": "25.50", "excluded_tags": ["legal"]}})
+    entries = org.get("/api/v1/audit-log", params={"entity_type": "settings"}).json()["items"]
+    by_field = {e["field"]: e for e in entries}
+    assert by_field["exclusions.min_balance"]["old_value"] == "0"
+    assert by_field["exclusions.min_balance"]["new_value"] == "25.50"
+    assert by_field["exclusions.excluded_tags"]["new_value"] == '["legal"]'
+    assert {e["actor"] for e in entries} == {"api-key:admin key"}
+    # Only the changed fields are recorded, and another organization sees none of it.
+    assert len(entries) == 2
+    assert other_org.get("/api/v1/audit-log").json()["items"] == []

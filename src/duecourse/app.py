@@ -16,6 +16,7 @@ from duecourse.campaigns.api import router as campaigns_router
 from duecourse.clock import Clock, SystemClock
 from duecourse.config import Settings, get_settings
 from duecourse.db import Database
+from duecourse.engine.api import router as engine_router
 from duecourse.errors import Conflict, DomainError, FieldError, ValidationFailed
 from duecourse.ledger.api import router as ledger_router
 from duecourse.messaging.api import router as messaging_router
@@ -90,6 +91,6 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None, 
             return JSONResponse({"status": "unavailable", "detail": "database not migrated"}, status_code=503)
         return JSONResponse({"status": "ready", "database": app.state.db.dialect, "revision": revision})
 
-    for router in (tenancy_router, ledger_router, strategies_router, campaigns_router, messaging_router):
+    for router in (tenancy_router, ledger_router, strategies_router, campaigns_router, messaging_router, engine_router):
         app.include_router(router, prefix=API_PREFIX)
     return app

@@ -55,11 +55,14 @@ def paginate(
     id_column: Any,
     params: PageParams,
     serialize: Callable[[Any], Any],
+    *,
+    descending: bool = False,
 ) -> dict[str, Any]:
-    """Keyset pagination on ``id_column`` ascending: ``WHERE id > :after ORDER BY id LIMIT n+1``."""
+    """Keyset pagination on ``id_column``: ``WHERE id > :after ORDER BY id LIMIT n+1`` (or newest first)."""
     if params.after is not None:
-        stmt = stmt.where(id_column > params.after)
-    rows: Sequence[Any] = session.scalars(stmt.order_by(id_column).limit(params.limit + 1)).all()
+        stmt = stmt.where(id_column < params.after if descending else id_column > params.after)
+    order = id_column.desc() if descending else id_column
+    rows: Sequence[Any] = session.scalars(stmt.order_by(order).limit(params.limit + 1)).all()
     more = len(rows) > params.limit
     rows = rows[: params.limit]
     return {

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Body, Request, Response
+from fastapi import APIRouter, Body, Depends, Query, Request, Response
 from sqlalchemy import select
 
 from duecourse.deps import SESSION_COOKIE, AppClock, CurrentPrincipal, DbSession, Reader, requires
 from duecourse.errors import FieldError, ValidationFailed
 from duecourse.tenancy import service
-from duecourse.tenancy.models import User
+from duecourse.pagination import Page, PageParams, paginate
+from duecourse.tenancy.models import AuditEntry, User
 from duecourse.tenancy.principal import ROLE_PERMISSIONS, Permission, Principal
 from duecourse.tenancy.schemas import (
     ApiKeyCreated,
     ApiKeyIn,
     ApiKeyOut,
+    AuditEntryOut,
     LoginIn,
     MeOut,
     OrganizationOut,
@@ -24,7 +26,7 @@ from duecourse.tenancy.schemas import (
     UserOut,
     UserPatch,
 )
-from duecourse.tenancy.scope import get_owned
+from duecourse.tenancy.scope import get_owned, scoped
 from duecourse.tenancy.security import hash_password, session_serializer
 from duecourse.tenancy.settings import OrgSettings
 
@@ -164,3 +166,19 @@ def patch_settings(
     session: DbSession, clock: AppClock, body: dict[str, Any] = Body(...), principal: Principal = SettingsAdmin
 ) -> Any:
     return service.update_settings(session, principal=principal, patch=body, now=clock.now())
+
+
+@router.get("/audit-log", response_model=Page[AuditEntryOut], summary="The audit log, newest first")
+def list_audit_log(
+    principal: Reader,
+    session: DbSession,
+    page: PageParams = Depends(),
+    entity_type: str | None = Query(None, description="strategy, campaign or settings"),
+    entity_id: int | None = None,
+) -> Any:
+    stmt = scoped(AuditEntry, principal.organization_id)
+    if entity_type is not None:
+        stmt = stmt.where(AuditEntry.entity_type == entity_type)
+    if entity_id is not None:
+        stmt = stmt.where(AuditEntry.entity_id == entity_id)
+    return paginate(session, stmt, AuditEntry.id, page, AuditEntryOut.model_validate, descending=True)

@@ -88,4 +88,17 @@ class MeOut(BaseModel):
     permissions: list[str]
 
 
-SettingsPatch = dict[str, Any]
+class AuditEntryOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    id: int
+    at: datetime
+    entity_type: str
+    entity_id: int | None
+    action: str
+    field: str | None
+    old_value: str | None
+    new_value: str | None
+    description: str
+    actor: str
+    user_id: int | None
+    api_key_id: int | None
