@@ -7,6 +7,7 @@ answers, unless ``DUECOURSE_REQUIRE_POSTGRES=1`` (CI), where that is an error.
 
 from __future__ import annotations
 
+import functools
 import os
 import uuid
 from collections.abc import Iterator
@@ -25,7 +26,8 @@ from duecourse.db import Database
 from duecourse.db.migrate import upgrade
 from duecourse.db.models import metadata
 from duecourse.tenancy import service as tenancy
-from duecourse.tenancy.models import Role
+from duecourse.tenancy.models import Role, User
+from duecourse.tenancy.security import hash_password
 
 PG_ADMIN_URL = os.environ.get("DUECOURSE_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 REQUIRE_PG = os.environ.get("DUECOURSE_REQUIRE_POSTGRES") == "1"
@@ -146,6 +148,11 @@ class OrgContext:
         return self.request("DELETE", url, role, **kw)
 
 
+@functools.lru_cache
+def _admin_hash(password: str) -> str:
+    return hash_password(password)
+
+
 @pytest.fixture
 def make_org(db: Database, client: TestClient, clock: FixedClock):  # type: ignore[no-untyped-def]
     counter = iter(range(1, 1000))
@@ -157,14 +164,16 @@ def make_org(db: Database, client: TestClient, clock: FixedClock):  # type: igno
                 session, name=name or f"Org {n}", timezone=timezone, base_currency=currency, now=clock.now()
             )
             ctx = OrgContext(id=org.id, client=client, admin_email=f"admin{n}-{org.id}@example.com")
-            tenancy.create_user(
-                session,
-                organization_id=org.id,
-                email=ctx.admin_email,
-                password=ctx.admin_password,
-                role=Role.admin,
-                name="Admin",
-                now=clock.now(),
+            # Hashing with argon2 costs ~0.1 s by design; hash once per test session, not per organization.
+            session.add(
+                User(
+                    organization_id=org.id,
+                    email=ctx.admin_email,
+                    name="Admin",
+                    password_hash=_admin_hash(ctx.admin_password),
+                    role=Role.admin,
+                    created_at=clock.now(),
+                )
             )
             for role in Role:
                 ctx.keys[role.value] = tenancy.create_api_key(

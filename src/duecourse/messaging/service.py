@@ -1,0 +1,245 @@
+"""Message templates (SPEC §7): validation at save time, usage checks, preview. Services never commit."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from duecourse.errors import Conflict, FieldError, ValidationFailed
+from duecourse.ledger.models import Account, Invoice
+from duecourse.messaging import rendering
+from duecourse.messaging.models import Channel, Template
+from duecourse.messaging.schemas import TemplateIn
+from duecourse.pagination import PageParams, paginate
+from duecourse.strategies.models import Stage, Strategy
+from duecourse.tenancy.models import Organization
+from duecourse.tenancy.scope import get_owned, scoped
+from duecourse.validation import currency_places
+
+FIELDS = ("name", "channel", "tone", "language", "subject", "body_text", "body_html")
+NULLABLE = ("language", "subject", "body_html")
+EMAIL_ONLY = ("subject", "body_html")
+
+
+def get_template(session: Session, *, organization_id: int, template_id: int) -> Template:
+    return get_owned(session, Template, template_id, organization_id, "Template")
+
+
+def list_templates(
+    session: Session,
+    *,
+    organization_id: int,
+    params: PageParams,
+    channel: str | None = None,
+    tone: str | None = None,
+    search: str | None = None,
+) -> dict[str, Any]:
+    stmt = scoped(Template, organization_id)
+    if channel is not None:
+        stmt = stmt.where(Template.channel == channel)
+    if tone is not None:
+        stmt = stmt.where(Template.tone == tone)
+    if search:
+        escaped = search.strip().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        stmt = stmt.where(Template.name.ilike(f"%{escaped}%", escape="\\"))
+    return paginate(session, stmt, Template.id, params, lambda t: t)
+
+
+def _validate(data: dict[str, Any]) -> None:
+    """Channel rules, then each text's syntax, variables and a trial render (SPEC §7: errors at save time)."""
+    errors: list[FieldError] = []
+    channel = Channel(data["channel"])
+    if not (data["body_text"] or "").strip():
+        errors.append(FieldError("body_text", "is required"))
+    if channel == Channel.email:
+        if not (data["subject"] or "").strip():
+            errors.append(FieldError("subject", "is required for an email template"))
+    else:
+        for f in EMAIL_ONLY:
+            if data[f] is not None:
+                errors.append(FieldError(f, f"is only for email templates, not {channel.value}"))
+    if errors:
+        raise ValidationFailed(
+            "Invalid template: " + "; ".join(f"{e.field}: {e.message}" for e in errors), errors
+        )
+    for f, html in (("subject", False), ("body_text", False), ("body_html", True)):
+        if data[f] is not None:
+            errors += rendering.check(data[f], f, html=html)
+    if errors:
+        raise ValidationFailed(
+            "Invalid template: " + "; ".join(f"{e.field}: {e.message}" for e in errors), errors
+        )
+
+
+def _check_name(session: Session, *, organization_id: int, name: str, template_id: int | None) -> None:
+    stmt = scoped(Template, organization_id, Template.id).where(func.lower(Template.name) == func.lower(name))
+    if template_id is not None:
+        stmt = stmt.where(Template.id != template_id)
+    if session.scalar(stmt.limit(1)) is not None:
+        raise Conflict(
+            f"A template named {name!r} already exists",
+            [FieldError("name", "is already used by another template")],
+        )
+
+
+def strategies_using(session: Session, *, organization_id: int, template_id: int) -> list[str]:
+    """Names of the strategies with a stage that uses the template."""
+    return list(
+        session.scalars(
+            select(Strategy.name)
+            .join(Stage, Stage.strategy_id == Strategy.id)
+            .where(Strategy.organization_id == organization_id, Stage.template_id == template_id)
+            .distinct()
+            .order_by(Strategy.name)
+        )
+    )
+
+
+def create_template(session: Session, *, organization_id: int, data: TemplateIn, now: datetime) -> Template:
+    values = data.model_dump()
+    _validate(values)
+    _check_name(session, organization_id=organization_id, name=values["name"], template_id=None)
+    template = Template(organization_id=organization_id, created_at=now, updated_at=now, **values)
+    session.add(template)
+    session.flush()
+    return template
+
+
+def update_template(
+    session: Session, *, organization_id: int, template_id: int, values: dict[str, Any], now: datetime
+) -> Template:
+    """Apply a full (PUT: every field) or partial (PATCH: the fields sent) change.
+
+    Switching a template away from email drops its subject and HTML body unless they are sent.
+    A template used by a strategy stage cannot change channel (the stage would no longer match).
+    """
+    template = get_template(session, organization_id=organization_id, template_id=template_id)
+    nulls = [k for k, v in values.items() if v is None and k not in NULLABLE]
+    if nulls:
+        raise ValidationFailed("Invalid template", [FieldError(k, "must not be null") for k in nulls])
+    merged = {f: getattr(template, f) for f in FIELDS}
+    if values.get("channel") not in (None, template.channel) and values["channel"] != Channel.email:
+        for f in EMAIL_ONLY:
+            if f not in values:
+                merged[f] = None
+    merged.update(values)
+    _validate(merged)
+    if "name" in values:
+        _check_name(session, organization_id=organization_id, name=merged["name"], template_id=template.id)
+    if merged["channel"] != template.channel:
+        used = strategies_using(session, organization_id=organization_id, template_id=template.id)
+        if used:
+            raise Conflict(
+                "The template is used by strategy "
+                + ", ".join(repr(n) for n in used)
+                + f"; its channel cannot change from {template.channel.value}",
+                [FieldError("channel", "template in use by a strategy stage")],
+            )
+    changed = False
+    for f in FIELDS:
+        if getattr(template, f) != merged[f]:
+            setattr(template, f, merged[f])
+            changed = True
+    if changed:
+        template.updated_at = now
+    return template
+
+
+def delete_template(session: Session, *, organization_id: int, template_id: int) -> None:
+    template = get_template(session, organization_id=organization_id, template_id=template_id)
+    used = strategies_using(session, organization_id=organization_id, template_id=template.id)
+    if used:
+        raise Conflict(
+            "The template is used by strategy "
+            + ", ".join(repr(n) for n in used)
+            + "; change those stages first"
+        )
+    session.delete(template)
+    session.flush()
+
+
+def preview_links(external_id: str) -> tuple[str, str]:
+    """Stand-ins for the links the channel layer creates at dispatch (they carry per-message tokens)."""
+    return (
+        f"https://example.invalid/pay/{external_id}",
+        f"https://example.invalid/unsubscribe/{external_id}",
+    )
+
+
+def _account_context(
+    session: Session, *, organization_id: int, account_id: int, now: datetime
+) -> dict[str, Any]:
+    account = session.scalar(scoped(Account, organization_id).where(Account.id == account_id))
+    if account is None:
+        raise ValidationFailed.on("account_id", f"account {account_id} not found")
+    org = session.get(Organization, organization_id)
+    assert org is not None
+    invoice = None
+    if account.carrying_invoice_id is not None:
+        invoice = session.scalar(
+            scoped(Invoice, organization_id).where(Invoice.id == account.carrying_invoice_id)
+        )
+    today = now.astimezone(ZoneInfo(account.timezone or org.timezone)).date()
+    pay, unsubscribe = preview_links(account.external_id)
+    return rendering.account_context(
+        debtor_name=account.name,
+        balance=account.balance,
+        currency=account.currency,
+        currency_places=currency_places(account.currency),
+        invoice_number=invoice.number if invoice else None,
+        invoice_amount=invoice.total if invoice else None,
+        invoice_due_date=invoice.due_date if invoice else None,
+        today=today,
+        payment_link=pay,
+        unsubscribe_link=unsubscribe,
+        organization_name=org.name,
+    )
+
+
+def preview(
+    session: Session, *, organization_id: int, template_id: int, account_id: int | None, now: datetime
+) -> dict[str, Any]:
+    """Render the template for an account of the organization, or for sample values (SPEC §7)."""
+    template = get_template(session, organization_id=organization_id, template_id=template_id)
+    if account_id is None:
+        org = session.get(Organization, organization_id)
+        context = {**rendering.SAMPLE_CONTEXT, "organization_name": org.name if org else ""}
+    else:
+        context = _account_context(session, organization_id=organization_id, account_id=account_id, now=now)
+    try:
+        subject = rendering.render(template.subject, context, field="subject") if template.subject else None
+        text = rendering.render(template.body_text, context, field="body_text")
+        html = (
+            rendering.render(template.body_html, context, field="body_html", html=True)
+            if template.body_html
+            else None
+        )
+    except rendering.RenderError as exc:
+        raise ValidationFailed.on(exc.field, exc.message) from None
+    out: dict[str, Any] = {
+        "channel": template.channel,
+        "account_id": account_id,
+        "subject": subject,
+        "text": text,
+        "html": html,
+        "sms": None,
+        "warnings": [],
+    }
+    if template.channel == Channel.sms:
+        size = rendering.sms_size(text)
+        out["sms"] = size.__dict__
+        if size.segments > 1:
+            warning = (
+                f"{size.segments} SMS segments ({size.encoding}, {size.units} units): each segment is billed"
+            )
+            if size.encoding == "UCS-2":
+                odd = sorted(
+                    {c for c in text if c not in rendering.GSM7_BASIC and c not in rendering.GSM7_EXTENSION}
+                )
+                warning += "; characters outside GSM-7 (" + "".join(odd[:10]) + ") limit a segment to 70"
+            out["warnings"].append(warning)
+    return out
