@@ -144,3 +144,13 @@ def test_due_dates_and_multi_stage_modes_after_downtime():
     assert later == [date(2026, 3, 9), date(2026, 3, 19)]
     # Adaptive timing halves the delay of the next stage (3 days -> 2, rounding half up).
     assert due_dates(stages, start=2, anchor=anchor, prev_completed=date(2026, 3, 6), delay_factor=0.5)[0] == date(2026, 3, 8)
+
+
+def test_new_case_counts_the_next_delay_from_its_first_action_not_from_old_dates():
+    stages = [S(0, "days_from_trigger", 2), S(1, "days_from_previous", 7), S(2, "days_from_trigger", 20)]
+    anchor = date(2026, 2, 6)
+    # Opened today (3 March): stage 1 chains from the opening day; stage 2 stays anchor + 20.
+    assert due_dates(stages, start=0, anchor=anchor, prev_completed=None, opened=date(2026, 3, 3)) == [
+        date(2026, 2, 8), date(2026, 3, 10), date(2026, 2, 26)]
+    # Opened long ago (downtime): the chain is the nominal one.
+    assert due_dates(stages, start=0, anchor=anchor, prev_completed=None, opened=date(2026, 2, 6))[1] == date(2026, 2, 15)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Date, Integer, func, literal_column
+from sqlalchemy import Date, Integer, String, cast, func, literal, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -13,8 +14,24 @@ def dialect_name(session: Session) -> str:
     return session.get_bind().dialect.name
 
 
-def date_plus_days(session: Session, value: ColumnElement[Any], days: int) -> ColumnElement[Any]:
-    """``value + days`` for a DATE column, as a DATE, on either dialect."""
+def date_plus_days(session: Session, value: ColumnElement[Any], days: int | ColumnElement[Any]) -> ColumnElement[Any]:
+    """``value + days`` for a DATE, as a DATE, on either dialect (``days`` a constant or an expression)."""
     if dialect_name(session) == "postgresql":
-        return (value + literal_column(str(int(days)), Integer)).cast(Date)
-    return func.date(value, f"{int(days):+d} days", type_=Date)
+        n = literal(int(days), Integer) if isinstance(days, int) else cast(days, Integer)
+        return cast(value + n, Date)
+    if isinstance(days, int):
+        return func.date(value, f"{int(days):+d} days", type_=Date)
+    return func.date(value, func.printf("%+d days", cast(days, Integer), type_=String), type_=Date)
+
+
+def insert_for(session: Session, table: Any) -> Any:
+    """The dialect's INSERT construct, which knows ``ON CONFLICT``."""
+    return (postgresql.insert if dialect_name(session) == "postgresql" else sqlite.insert)(table)
+
+
+def serialize_on(session: Session, table: Any, row_id: int) -> None:
+    """Hold a write lock for the rest of the transaction so that passes over the same rows run one
+    after the other: a row lock on PostgreSQL, the database write lock on SQLite (taken up front,
+    so a reading transaction never has to upgrade its lock midway)."""
+    pk = table.c.id
+    session.execute(update(table).where(pk == row_id).values({pk.name: pk}))

@@ -31,6 +31,7 @@ class QueueStatus(StrEnum):
 
 
 LIVE_QUEUE_STATUSES = (QueueStatus.pending, QueueStatus.processing)
+LIVE_ITEM_PREDICATE = "status IN ('pending', 'processing')"
 
 
 class SkipReason(StrEnum):
@@ -53,13 +54,14 @@ class QueueItem(Base):
             "account_id",
             "stage_index",
             unique=True,
-            sqlite_where=text("status IN ('pending', 'processing')"),
-            postgresql_where=text("status IN ('pending', 'processing')"),
+            sqlite_where=text(LIVE_ITEM_PREDICATE),
+            postgresql_where=text(LIVE_ITEM_PREDICATE),
         ),
         Index("ix_queue_items_due", "status", "scheduled_at"),
         Index("ix_queue_items_org_status", "organization_id", "status", "scheduled_at"),
         Index("ix_queue_items_campaign", "campaign_id", "status"),
-        Index("ix_queue_items_account", "account_id", "id"),
+        Index("ix_queue_items_account", "account_id", "case_number", "stage_index"),
+        Index("ix_queue_items_batch", "batch_id"),
     )
 
     id: Mapped[int] = pk()
@@ -79,6 +81,8 @@ class QueueItem(Base):
     attempt: Mapped[int] = mapped_column(SmallInteger, nullable=False, default=0)
     max_attempts: Mapped[int] = mapped_column(SmallInteger, nullable=False, default=3)
     retry_of_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("queue_items.id", ondelete="SET NULL"))
+    # The enqueue pass that created the item, so the pass can log exactly its own inserts.
+    batch_id: Mapped[str | None] = mapped_column(String(32))
     is_callback: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
     tone: Mapped[str | None] = mapped_column(String(16))
     error: Mapped[str | None] = mapped_column(Text)

@@ -68,12 +68,15 @@ def due_dates(
     start: int,
     anchor: date,
     prev_completed: date | None,
+    opened: date | None = None,
     delay_factor: float | None = None,
 ) -> list[date]:
     """Due dates of stages ``start``, ``start+1``, … as the case would meet them if each completed on
     its due date. The first counts from the previous stage's real completion when there is one
-    (``days_from_previous``); the rest chain from their predecessor's due date. This is what lets a
-    catch-up after downtime see every stage that fell due meanwhile (§4.10)."""
+    (``days_from_previous``); the rest chain from their predecessor's due date, but never from a day
+    before the case opened (``opened``): a new case waits for its first action before counting the
+    delay to the next, while a catch-up after downtime sees every stage that fell due meanwhile
+    (§4.4, §4.10). ``days_from_trigger`` stages are always the anchor plus their days."""
     offs = offsets(stages)
     out: list[date] = []
     for k in range(start, len(stages)):
@@ -84,7 +87,8 @@ def due_dates(
             base = prev_completed if prev_completed is not None else anchor + timedelta(days=offs[k - 1])
             due = base + timedelta(days=scaled_days(s.days, delay_factor))
         else:
-            due = out[-1] + timedelta(days=s.days)
+            base = out[-1] if opened is None else max(out[-1], opened)
+            due = base + timedelta(days=s.days)
         out.append(due)
     return out
 

@@ -92,7 +92,7 @@ class Account(Base):
         UniqueConstraint("organization_id", "external_id", name="uq_accounts_org_external_id"),
         Index("ix_accounts_org_tab_id", "organization_id", "collection_tab", "id"),
         Index("ix_accounts_org_status_id", "organization_id", "status", "id"),
-        Index("ix_accounts_strategy_id", "strategy_id"),
+        Index("ix_accounts_strategy_stage", "strategy_id", "case_next_stage"),
         Index("ix_accounts_campaign_id", "campaign_id"),
         CheckConstraint("score IS NULL OR (score >= 0 AND score <= 100)", name="score_range"),
     )
@@ -129,13 +129,19 @@ class Account(Base):
     # Case state (SPEC §4.2), one open case per account.
     case_number: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     case_opened_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The organization-local date the case (or its current round) opened: a stage never falls due
+    # by chaining from a date before its case existed.
+    case_opened_on: Mapped[date | None] = mapped_column(Date)
     case_anchor_date: Mapped[date | None] = mapped_column(Date)
     case_invoice_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("invoices.id", ondelete="SET NULL", use_alter=True))
     case_next_stage: Mapped[int | None] = mapped_column(SmallInteger)
     case_prev_completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The organization-local date the previous stage completed on: days_from_previous counts from it.
+    case_prev_completed_on: Mapped[date | None] = mapped_column(Date)
     case_retry_count: Mapped[int] = mapped_column(SmallInteger, nullable=False, default=0)
     case_sequence_finished: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
-    case_delay_factor: Mapped[Decimal | None] = mapped_column(Money)
+    # The next stage's delay in days after adaptive timing (SPEC §4.8); NULL = the strategy's own.
+    case_next_delay_days: Mapped[int | None] = mapped_column(SmallInteger)
     case_tone_override: Mapped[str | None] = mapped_column(String(16))
     callback_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 

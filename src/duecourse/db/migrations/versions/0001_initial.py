@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-22 18:07:42.216272
+Create Date: 2026-11-22 19:08:17.744658
 """
 
 from __future__ import annotations
@@ -220,13 +220,15 @@ def upgrade() -> None:
     sa.Column('campaign_joined_at', sa.DateTime(), nullable=True),
     sa.Column('case_number', sa.Integer(), nullable=False),
     sa.Column('case_opened_at', sa.DateTime(), nullable=True),
+    sa.Column('case_opened_on', sa.Date(), nullable=True),
     sa.Column('case_anchor_date', sa.Date(), nullable=True),
     sa.Column('case_invoice_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=True),
     sa.Column('case_next_stage', sa.SmallInteger(), nullable=True),
     sa.Column('case_prev_completed_at', sa.DateTime(), nullable=True),
+    sa.Column('case_prev_completed_on', sa.Date(), nullable=True),
     sa.Column('case_retry_count', sa.SmallInteger(), nullable=False),
     sa.Column('case_sequence_finished', sa.Boolean(), nullable=False),
-    sa.Column('case_delay_factor', sa.BigInteger(), nullable=True),
+    sa.Column('case_next_delay_days', sa.SmallInteger(), nullable=True),
     sa.Column('case_tone_override', sa.String(length=16), nullable=True),
     sa.Column('callback_at', sa.DateTime(), nullable=True),
     sa.Column('balance', sa.BigInteger(), nullable=False),
@@ -250,7 +252,7 @@ def upgrade() -> None:
         batch_op.create_index('ix_accounts_campaign_id', ['campaign_id'], unique=False)
         batch_op.create_index('ix_accounts_org_status_id', ['organization_id', 'status', 'id'], unique=False)
         batch_op.create_index('ix_accounts_org_tab_id', ['organization_id', 'collection_tab', 'id'], unique=False)
-        batch_op.create_index('ix_accounts_strategy_id', ['strategy_id'], unique=False)
+        batch_op.create_index('ix_accounts_strategy_stage', ['strategy_id', 'case_next_stage'], unique=False)
 
     op.create_table('account_tags',
     sa.Column('account_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
@@ -323,6 +325,7 @@ def upgrade() -> None:
     sa.Column('attempt', sa.SmallInteger(), nullable=False),
     sa.Column('max_attempts', sa.SmallInteger(), nullable=False),
     sa.Column('retry_of_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=True),
+    sa.Column('batch_id', sa.String(length=32), nullable=True),
     sa.Column('is_callback', sa.Boolean(), nullable=False),
     sa.Column('tone', sa.String(length=16), nullable=True),
     sa.Column('error', sa.Text(), nullable=True),
@@ -342,7 +345,8 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('id', name=op.f('pk_queue_items'))
     )
     with op.batch_alter_table('queue_items', schema=None) as batch_op:
-        batch_op.create_index('ix_queue_items_account', ['account_id', 'id'], unique=False)
+        batch_op.create_index('ix_queue_items_account', ['account_id', 'case_number', 'stage_index'], unique=False)
+        batch_op.create_index('ix_queue_items_batch', ['batch_id'], unique=False)
         batch_op.create_index('ix_queue_items_campaign', ['campaign_id', 'status'], unique=False)
         batch_op.create_index('ix_queue_items_due', ['status', 'scheduled_at'], unique=False)
         batch_op.create_index('ix_queue_items_org_status', ['organization_id', 'status', 'scheduled_at'], unique=False)
@@ -507,6 +511,7 @@ def downgrade() -> None:
         batch_op.drop_index('ix_queue_items_org_status')
         batch_op.drop_index('ix_queue_items_due')
         batch_op.drop_index('ix_queue_items_campaign')
+        batch_op.drop_index('ix_queue_items_batch')
         batch_op.drop_index('ix_queue_items_account')
 
     op.drop_table('queue_items')
@@ -524,7 +529,7 @@ def downgrade() -> None:
 
     op.drop_table('account_tags')
     with op.batch_alter_table('accounts', schema=None) as batch_op:
-        batch_op.drop_index('ix_accounts_strategy_id')
+        batch_op.drop_index('ix_accounts_strategy_stage')
         batch_op.drop_index('ix_accounts_org_tab_id')
         batch_op.drop_index('ix_accounts_org_status_id')
         batch_op.drop_index('ix_accounts_campaign_id')

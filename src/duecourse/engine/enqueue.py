@@ -1,0 +1,402 @@
+"""Enqueueing (SPEC §4.4, §4.5): from eligible cases to pending queue items with scheduled times.
+
+Everything is set-based. Per active strategy (there are few) the stage plan is known in Python, so
+each step is a handful of ``UPDATE``/``INSERT … SELECT`` statements over the strategy's accounts;
+only the distinct (due date, time zone) pairs travel to Python, where the automation slot and the
+channel's allowed hours are worked out with real time-zone rules (:mod:`duecourse.engine.timing`).
+
+Idempotency: a stage of a case is never enqueued twice (``NOT EXISTS`` over the case's live and
+dispatched items), and two processes racing are stopped by the partial unique index on live items
+(``ON CONFLICT DO NOTHING``).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import date, datetime, time
+from typing import Any
+
+from sqlalchemy import (
+    Column,
+    Date,
+    DateTime,
+    MetaData,
+    String,
+    Table,
+    and_,
+    case,
+    delete,
+    exists,
+    func,
+    insert,
+    literal,
+    not_,
+    select,
+    text,
+    true,
+    type_coerce,
+    update,
+)
+from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import ColumnElement
+
+from duecourse.campaigns.models import Campaign
+from duecourse.db.dialect import date_plus_days, dialect_name, insert_for, serialize_on
+from duecourse.engine.assign import assign_campaign_accounts, campaigns_enqueueable
+from duecourse.engine.log import log_accounts, log_items
+from duecourse.engine.models import LIVE_ITEM_PREDICATE, QueueItem, QueueStatus
+from duecourse.engine.stages import StageSpec, first_stage, offsets
+from duecourse.engine.timing import at_local, into_allowed_hours, local_date, next_automation_slot, weekday_set
+from duecourse.ledger.derived import days_between_expr, local_today_expr
+from duecourse.ledger.models import CONTACTABLE_STATUSES, Account, AccountStatus, CollectionTab
+from duecourse.strategies.models import MultiStageHandling, Strategy
+from duecourse.tenancy.models import Organization
+from duecourse.tenancy.service import get_settings
+from duecourse.tenancy.settings import OrgSettings
+
+# Stages of a case that already have an item in one of these statuses are not enqueued again.
+_TAKEN = (QueueStatus.pending.value, QueueStatus.processing.value, QueueStatus.completed.value)
+_HOURS_CHANNELS = ("email", "sms", "whatsapp", "voice")
+
+_slots = Table(
+    "dc_enqueue_slots",
+    MetaData(),
+    Column("due_date", Date, nullable=False),
+    Column("tz", String(64), nullable=False),
+    Column("scheduled_at", DateTime, nullable=False),
+)
+_SLOTS_DDL = "(due_date DATE NOT NULL, tz VARCHAR(64) NOT NULL, scheduled_at TIMESTAMP NOT NULL)"
+
+
+@dataclass
+class EnqueueResult:
+    paused: bool = False
+    assigned: int = 0
+    reset: int = 0
+    enqueued: int = 0
+    skipped: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class _Plan:
+    """One strategy's constants for the statements of a pass."""
+
+    org: Organization
+    settings: OrgSettings
+    strategy: Strategy
+    stages: list[StageSpec]
+    offsets: list[int]
+    local_today: ColumnElement[Any]
+    now: datetime
+    cause: str
+
+
+def enqueue(
+    session: Session,
+    *,
+    organization_id: int,
+    now: datetime,
+    strategy_id: int | None = None,
+    campaign_id: int | None = None,
+    cause: str,
+) -> EnqueueResult:
+    """Evaluate eligible accounts and place their next actions in the queue (SPEC §4.5).
+
+    Scope: one strategy's accounts (a strategy run), one campaign's accounts (Enqueue Campaign), or
+    the whole organization. Nothing is enqueued while the organization's engine is paused (§4.3).
+    """
+    org = session.get(Organization, organization_id)
+    if org is None:
+        raise ValueError(f"organization {organization_id} does not exist")
+    # One pass per organization at a time: a second process waits here, then finds the work done.
+    serialize_on(session, Organization.__table__, org.id)
+    settings = get_settings(session, org.id)
+    result = EnqueueResult()
+    if settings.automation.engine_paused:
+        result.paused = True
+        return result
+    today = local_date(now, org.timezone)
+    session.flush()
+    if strategy_id is None:
+        result.assigned += assign_campaign_accounts(session, org=org, today=today, now=now, campaign_id=campaign_id)
+
+    stmt = select(Strategy).where(Strategy.organization_id == org.id, Strategy.active.is_(True))
+    if strategy_id is not None:
+        stmt = stmt.where(Strategy.id == strategy_id)
+    if campaign_id is not None:
+        stmt = stmt.where(Strategy.id == select(Campaign.strategy_id).where(Campaign.id == campaign_id).scalar_subquery())
+    local_today = local_today_expr(session, organization_id=org.id, org_timezone=org.timezone, now=now)
+    _prepare_slots(session)
+    for strategy in session.scalars(stmt.order_by(Strategy.id)).all():
+        stages = [StageSpec(s.position, str(s.action_type), str(s.timing_type), s.days) for s in strategy.stages]
+        if not stages:
+            continue
+        plan = _Plan(org, settings, strategy, stages, offsets(stages), local_today, now, cause)
+        eligible = _eligible(plan, today=today, campaign_id=campaign_id)
+        result.reset += _reset_broken_promises(session, plan, eligible)
+        _choose_first_stage(session, plan, eligible)
+        if strategy.multi_stage_handling == MultiStageHandling.skip_to_latest:
+            result.skipped += _skip_to_latest(session, plan, eligible)
+        result.enqueued += _enqueue_stages(session, plan, eligible)
+    session.expire_all()
+    return result
+
+
+def _eligible(plan: _Plan, *, today: date, campaign_id: int | None) -> ColumnElement[bool]:
+    """SPEC §4.3 for the plan's strategy (its being active is checked by the caller)."""
+    org_id = plan.org.id
+    cond = and_(
+        Account.organization_id == org_id,
+        Account.strategy_id == plan.strategy.id,
+        Account.paused.is_(False),
+        Account.blocked.is_(False),
+        Account.collection_tab != CollectionTab.blocked.value,  # exclusion rules (§6)
+        Account.status.in_([s.value for s in CONTACTABLE_STATUSES]),
+        Account.balance > 0,
+        (Account.campaign_id.is_(None))
+        | Account.campaign_id.in_(select(Campaign.id).where(campaigns_enqueueable(org_id, today))),
+    )
+    if campaign_id is not None:
+        cond = and_(cond, Account.campaign_id == campaign_id)
+    return cond
+
+
+def _reset_broken_promises(session: Session, plan: _Plan, eligible: ColumnElement[bool]) -> int:
+    """§4.8: a ``promise_overdue`` account whose sequence had finished starts again at the first stage
+    (a new round of the case, so the earlier round's items do not count as taken)."""
+    where = and_(eligible, Account.status == AccountStatus.promise_overdue.value, Account.case_sequence_finished.is_(True))
+    log_accounts(session, where=where, at=plan.now, event="reset", cause="broken_promise", stage_index=0)
+    result = session.execute(
+        update(Account)
+        .where(where)
+        .values(
+            status=AccountStatus.in_auto_management.value,
+            collection_tab=CollectionTab.engaged.value,
+            case_number=Account.case_number + 1,
+            case_next_stage=0,
+            case_opened_on=literal(local_date(plan.now, plan.org.timezone)),
+            case_sequence_finished=False,
+            case_prev_completed_at=None,
+            case_prev_completed_on=None,
+            case_next_delay_days=None,
+            case_retry_count=0,
+            updated_at=plan.now,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount or 0
+
+
+def _first_stage_expr(session: Session, plan: _Plan) -> ColumnElement[Any]:
+    """§4.4 as one CASE over the days since the anchor (the step function of stages.first_stage)."""
+    days = days_between_expr(session, plan.local_today, Account.case_anchor_date)
+    offs = plan.offsets
+    # Evaluate first_stage at each breakpoint; the function only changes value at offsets and at 1.
+    points = sorted({*offs, 1})
+    whens = []
+    for p in reversed(points):
+        whens.append((days >= p, literal(first_stage(str(plan.strategy.first_action_logic), offs, p))))
+    below = first_stage(str(plan.strategy.first_action_logic), offs, min(points) - 1)
+    return case(*whens, else_=literal(below))
+
+
+def _choose_first_stage(session: Session, plan: _Plan, eligible: ColumnElement[bool]) -> None:
+    where = and_(eligible, Account.case_next_stage.is_(None))
+    first = _first_stage_expr(session, plan)
+    log_accounts(
+        session,
+        where=where,
+        at=plan.now,
+        event="first_action",
+        cause=str(plan.strategy.first_action_logic),
+        stage_index=first,
+    )
+    session.execute(
+        update(Account).where(where).values(case_next_stage=first, updated_at=plan.now).execution_options(synchronize_session=False)
+    )
+
+
+def _due_exprs(session: Session, plan: _Plan, k: int) -> list[ColumnElement[Any]]:
+    """Due dates of stages k, k+1, … for cases whose next stage is k (see stages.due_dates)."""
+    stages, offs = plan.stages, plan.offsets
+    anchor = Account.case_anchor_date
+    out: list[ColumnElement[Any]] = []
+    for j in range(k, len(stages)):
+        s = stages[j]
+        if s.timing == "days_from_trigger" or j == 0:
+            due = date_plus_days(session, anchor, s.days)
+        elif j == k:
+            due = case(
+                (
+                    Account.case_prev_completed_on.is_not(None),
+                    date_plus_days(session, Account.case_prev_completed_on, func.coalesce(Account.case_next_delay_days, s.days)),
+                ),
+                else_=date_plus_days(session, anchor, offs[j]),
+            )
+        else:
+            prev = out[-1]
+            base = case((Account.case_opened_on > prev, Account.case_opened_on), else_=prev)
+            due = date_plus_days(session, base, s.days)
+        out.append(type_coerce(due, Date))
+    return out
+
+
+def _all_due(dues: list[ColumnElement[Any]], upto: int, today: ColumnElement[Any]) -> ColumnElement[bool]:
+    return and_(*[d <= today for d in dues[: upto + 1]])
+
+
+def _not_taken(stage_index: int) -> ColumnElement[bool]:
+    return ~exists().where(
+        QueueItem.account_id == Account.id,
+        QueueItem.case_number == Account.case_number,
+        QueueItem.stage_index == stage_index,
+        QueueItem.status.in_(_TAKEN),
+    )
+
+
+def _skip_to_latest(session: Session, plan: _Plan, eligible: ColumnElement[bool]) -> int:
+    """§4.5 ``skip_to_latest``: when several stages are due, move the case to the latest and record the
+    others as skipped in the execution log."""
+    skipped = 0
+    n = len(plan.stages)
+    for k in range(n - 1):
+        dues = _due_exprs(session, plan, k)
+        group = and_(eligible, Account.case_next_stage == k, _not_taken(k))
+        for j in range(k + 1, n):
+            latest = _all_due(dues, j - k, plan.local_today)
+            if j + 1 < n:
+                latest = and_(latest, not_(_all_due(dues, j + 1 - k, plan.local_today)))
+            where = and_(group, latest)
+            for i in range(k, j):
+                log_accounts(session, where=where, at=plan.now, event="skipped", cause=plan.cause, reason="skip_to_latest", stage_index=i)
+            result = session.execute(
+                update(Account).where(where).values(case_next_stage=j, updated_at=plan.now).execution_options(synchronize_session=False)
+            )
+            skipped += (result.rowcount or 0) * (j - k)
+    return skipped
+
+
+def _enqueue_stages(session: Session, plan: _Plan, eligible: ColumnElement[bool]) -> int:
+    """Insert the items: the next stage (due now or for its future due date) and, for
+    ``run_all_in_order``, every following stage that is also due."""
+    total = 0
+    n = len(plan.stages)
+    run_all = plan.strategy.multi_stage_handling == MultiStageHandling.run_all_in_order
+    for k in range(n):
+        dues = _due_exprs(session, plan, k)
+        group = and_(eligible, Account.case_next_stage == k)
+        last = n - 1 if run_all else k
+        for j in range(k, last + 1):
+            where = and_(group, _not_taken(j))
+            if j > k:
+                where = and_(where, _all_due(dues, j - k, plan.local_today))
+            total += _insert_items(session, plan, where=where, stage_index=j, due=dues[j - k])
+    return total
+
+
+def _prepare_slots(session: Session) -> None:
+    suffix = " ON COMMIT DELETE ROWS" if dialect_name(session) == "postgresql" else ""
+    session.execute(text(f"CREATE TEMPORARY TABLE IF NOT EXISTS {_slots.name} {_SLOTS_DDL}{suffix}"))
+
+
+def _scheduled_at(plan: _Plan, due: date, tz: str, action: str) -> datetime:
+    """§4.5: the first automation slot at or after the due date (organization time zone), moved
+    into the channel's allowed hours in the debtor's time zone (§4.7)."""
+    org_tz = plan.org.timezone
+    slot = next_automation_slot(
+        at_local(due, time(0, 0), org_tz),
+        tz=org_tz,
+        at=plan.strategy.automation_time,
+        days=weekday_set(plan.strategy.automation_days),
+    )
+    if action in _HOURS_CHANNELS:
+        hours = plan.settings.dispatch.allowed_hours[action]
+        slot = into_allowed_hours(slot, tz=tz, start=hours.start, end=hours.end, days=hours.days)
+    return slot
+
+
+def _insert_items(session: Session, plan: _Plan, *, where: ColumnElement[bool], stage_index: int, due: ColumnElement[Any]) -> int:
+    stage = plan.strategy.stages[stage_index]
+    action = str(stage.action_type)
+    tz = func.coalesce(Account.timezone, plan.org.timezone)
+    pairs = session.execute(select(due.label("due"), tz.label("tz")).where(where).distinct()).all()
+    if not pairs:
+        return 0
+    session.execute(delete(_slots))
+    rows = []
+    for due_value, tz_value in pairs:
+        due_date = due_value if isinstance(due_value, date) else date.fromisoformat(str(due_value))
+        at = _scheduled_at(plan, due_date, tz_value, action)
+        rows.append({"due_date": due_date, "tz": tz_value, "scheduled_at": at.replace(tzinfo=None)})
+    session.execute(insert(_slots), rows)
+
+    now = plan.now
+    batch = uuid.uuid4().hex  # marks exactly this statement's rows, for their log entries
+    select_rows = (
+        select(
+            Account.organization_id,
+            Account.id,
+            literal(plan.strategy.id),
+            Account.campaign_id,
+            Account.case_number,
+            literal(stage_index),
+            literal(action),
+            _slots.c.scheduled_at,
+            literal(QueueStatus.pending.value),
+            literal(0),
+            literal(plan.settings.dispatch.max_attempts),
+            literal(batch),
+            func.coalesce(Account.case_tone_override, literal(str(stage.tone))),
+            literal(False),
+            literal(now, type_=QueueItem.created_at.type),
+            literal(now, type_=QueueItem.updated_at.type),
+        )
+        .select_from(Account)
+        .join(_slots, and_(_slots.c.due_date == due, _slots.c.tz == tz))
+        .where(where)
+    )
+    stmt = (
+        insert_for(session, QueueItem.__table__)
+        .from_select(
+            [
+                "organization_id",
+                "account_id",
+                "strategy_id",
+                "campaign_id",
+                "case_number",
+                "stage_index",
+                "action",
+                "scheduled_at",
+                "status",
+                "attempt",
+                "max_attempts",
+                "batch_id",
+                "tone",
+                "is_callback",
+                "created_at",
+                "updated_at",
+            ],
+            select_rows,
+        )
+        .on_conflict_do_nothing(
+            index_elements=["account_id", "stage_index"],
+            # Literal, as in the index: PostgreSQL infers a partial index only from a matching predicate.
+            index_where=text(LIVE_ITEM_PREDICATE),
+        )
+    )
+    inserted = session.execute(stmt.execution_options(preserve_rowcount=True)).rowcount or 0
+    if inserted:
+        log_items(
+            session,
+            where=QueueItem.batch_id == batch,
+            at=now,
+            event="enqueued",
+            cause=plan.cause,
+        )
+    return inserted
+
+

@@ -1,0 +1,216 @@
+"""Enqueueing scenarios (SPEC §4.2–§4.5): assignment, first action, multi-stage handling, scheduled times."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, timedelta
+
+from sqlalchemy import func, select
+
+from duecourse.campaigns.models import Campaign
+from duecourse.engine.enqueue import enqueue
+from duecourse.engine.models import QueueItem
+from duecourse.engine.runs import run_strategy_now
+from duecourse.ledger.models import Account
+from duecourse.tenancy import service as tenancy
+from duecourse.tenancy.principal import Principal
+from tests.engine_helpers import debtor, items, log, refresh, strategy
+
+
+def utc(*a):
+    return datetime(*a, tzinfo=UTC)
+
+
+# The organization fixture is in Europe/Madrid (UTC+1 in March until the 29th).
+# clock starts Monday 2026-03-02 09:00 UTC = 10:00 Madrid.
+
+
+def test_seed_004_contextualized_entry_at_offset_15(db, org, clock):
+    now = clock.now()
+    with db.transaction() as s:
+        st = strategy(s, org.id, now, [("email", "t", 0), ("email", "p", 8), ("email", "p", 7), ("email", "t", 30)],
+                      first_action_logic="contextualized")
+        a = debtor(s, org.id, now, "D18", due=date(2026, 3, 2) - timedelta(days=18))
+        refresh(s, org.id, now)
+        r = run_strategy_now(s, strategy=st, now=now, principal=Principal.system(org.id))
+        assert (r["assigned"], r["enqueued"]) == (1, 1)
+        # Entered at the stage with offset 15 (index 2), due 15 days after the anchor: already due,
+        # so scheduled at that day's 07:00 Madrid slot (in the past: dispatchable at once).
+        assert items(s, a.id) == [(2, "pending", utc(2026, 2, 27, 6), None)]
+        assert log(s, a.id) == [("assigned", None, None), ("first_action", 2, None), ("enqueued", 2, None)]
+        assert s.get(Account, a.id).case_anchor_date == date(2026, 2, 12)
+
+
+def test_standard_logic_skips_reminder_for_overdue_invoice_and_schedules_future_stage(db, org, clock):
+    now = clock.now()
+    with db.transaction() as s:
+        st = strategy(s, org.id, now, [("email", "t", -3), ("email", "t", 0), ("email", "p", 7)], trigger_type="amount_threshold",
+                      trigger_amount=1)
+        fresh = debtor(s, org.id, now, "FRESH", due=date(2026, 3, 10))
+        refresh(s, org.id, now)
+        run_strategy_now(s, strategy=st, now=now, principal=Principal.system(org.id))
+        # Amount trigger: anchor = today; not past the anchor yet, so the first stage (offset -3) applies:
+        # due 3 days before today (slot: that Friday 07:00 Madrid); stage 1 (offset 0) is due today too,
+        # and run_all_in_order enqueues both, in order.
+        assert items(s, fresh.id) == [(0, "pending", utc(2026, 2, 27, 6), None), (1, "pending", utc(2026, 3, 2, 6), None)]
+
+    clock.advance(days=2)
+    with db.transaction() as s:
+        late = debtor(s, org.id, clock.now(), "LATE", due=date(2026, 2, 1))
+        refresh(s, org.id, clock.now())
+        st2 = strategy(s, org.id, clock.now(), [("email", "t", -3), ("email", "t", 2), ("email", "p", 7)],
+                       name="overdue", trigger_days=5, priority=1)
+        run_strategy_now(s, strategy=st2, now=clock.now(), principal=Principal.system(org.id))
+        acct = s.get(Account, late.id)
+        assert acct.case_anchor_date == date(2026, 2, 6)  # due + 5
+        # Past the anchor: the pre-trigger reminder is skipped; stage 1 (offset 2) is the first.
+        assert [i[0] for i in items(s, late.id)] == [1]
+
+
+def test_saturday_due_date_with_weekday_automation_waits_for_monday(db, org, clock):
+    clock.set(utc(2026, 3, 6, 12))  # Friday
+    now = clock.now()
+    with db.transaction() as s:
+        st = strategy(s, org.id, now, [("email", "t", 0)], trigger_type="amount_threshold", trigger_amount=1)
+        a = debtor(s, org.id, now, "SAT", due=date(2026, 3, 30))
+        refresh(s, org.id, now)
+        run_strategy_now(s, strategy=st, now=now, principal=Principal.system(org.id))
+        s.get(Account, a.id).case_anchor_date = date(2026, 3, 7)  # a Saturday
+        s.get(Account, a.id).case_next_stage = None
+        s.execute(QueueItem.__table__.delete())
+        enqueue(s, organization_id=org.id, now=now, strategy_id=st.id, cause="test")
+        assert items(s, a.id) == [(0, "pending", utc(2026, 3, 9, 6), None)]  # Monday 07:00 Madrid
+
+
+def test_sms_to_debtor_in_another_timezone_moves_into_allowed_hours(db, org, clock):
+    now = clock.now()
+    with db.transaction() as s:
+        st = strategy(s, org.id, now, [("sms", "t", 0)], trigger_type="amount_threshold", trigger_amount=1)
+        ny = debtor(s, org.id, now, "NY", due=date(2026, 3, 30), timezone="America/New_York")
+        refresh(s, org.id, now)
+        run_strategy_now(s, strategy=st, now=now, principal=Principal.system(org.id))
+        # Slot 07:00 Madrid (06:00 UTC) is 01:00 in New York: SMS waits until 08:00 there (13:00 UTC).
+        assert items(s, ny.id) == [(0, "pending", utc(2026, 3, 2, 13), None)]
+
+
+def _downtime_case(s, org, now, handling, priority):
+    # Each new strategy has a better priority, so it takes the new debtor.
+    st = strategy(s, org.id, now, [("email", "t", 0), ("email", "p", 2), ("email", "p", 2), ("email", "p", 30)],
+                  multi_stage_handling=handling, trigger_type="amount_threshold", trigger_amount=1, name=handling,
+                  priority=priority)
+    a = debtor(s, org.id, now, f"DOWN-{handling}", due=date(2026, 4, 30))
+    refresh(s, org.id, now)
+    run_strategy_now(s, strategy=st, now=now, principal=Principal.system(org.id))
+    return st, a
+
+
+def test_multi_stage_modes_after_a_week_of_downtime(db, org, clock):
+    now = clock.now()
+    got = {}
+    with db.transaction() as s:
+        for priority, handling in ((30, "run_all_in_order"), (20, "skip_to_latest"), (10, "one_per_run")):
+            st, a = _downtime_case(s, org, now, handling, priority)
+            # The case started a week ago and nothing ran since: stages 0, 1, 2 are all due.
+            acct = s.get(Account, a.id)
+            acct.case_anchor_date = acct.case_opened_on = date(2026, 2, 23)
+            acct.case_next_stage = None
+            s.execute(QueueItem.__table__.delete().where(QueueItem.account_id == a.id))
+            enqueue(s, organization_id=org.id, now=now, strategy_id=st.id, cause="catch_up")
+            got[handling] = ([i[0] for i in items(s, a.id)], [e for e in log(s, a.id) if e[0] == "skipped"],
+                             s.get(Account, a.id).case_next_stage)
+    assert got["run_all_in_order"] == ([0, 1, 2], [], 0)
+    assert got["skip_to_latest"] == ([2], [("skipped", 0, "skip_to_latest"), ("skipped", 1, "skip_to_latest")], 2)
+    assert got["one_per_run"] == ([0], [], 0)
+
+
+def test_enqueue_is_idempotent_and_respects_pause_and_eligibility(db, org, clock):
+    now = clock.now()
+    with db.transaction() as s:
+        st = strategy(s, org.id, now, [("email", "t", 0), ("email", "p", 3)], trigger_type="amount_threshold", trigger_amount=1)
+        a = debtor(s, org.id, now, "A", due=date(2026, 3, 30))
+        b = debtor(s, org.id, now, "B", due=date(2026, 3, 30))
+        refresh(s, org.id, now)
+        run_strategy_now(s, strategy=st, now=now, principal=Principal.system(org.id))
+        for _ in range(3):
+            assert enqueue(s, organization_id=org.id, now=now, cause="again").enqueued == 0
+        assert s.scalar(select(func.count()).select_from(QueueItem)) == 2
+        # Paused engine: nothing at all.
+        tenancy.update_settings(s, principal=Principal.system(org.id), patch={"automation": {"engine_paused": True}}, now=now)
+        s.execute(QueueItem.__table__.delete())
+        assert enqueue(s, organization_id=org.id, now=now, cause="paused").paused is True
+        assert s.scalar(select(func.count()).select_from(QueueItem)) == 0
+        tenancy.update_settings(s, principal=Principal.system(org.id), patch={"automation": {"engine_paused": False}}, now=now)
+        # A blocked account and an inactive strategy are not eligible.
+        s.get(Account, b.id).blocked = True
+        refresh(s, org.id, now)
+        assert enqueue(s, organization_id=org.id, now=now, cause="x").enqueued == 1
+        assert [i[0] for i in items(s, a.id)] == [0] and items(s, b.id) == []
+        s.execute(QueueItem.__table__.delete())
+        st.active = False
+        s.flush()
+        assert enqueue(s, organization_id=org.id, now=now, cause="x").enqueued == 0
+
+
+def test_campaign_assigns_its_strategy_only_while_active_and_within_dates(db, org, clock):
+    now = clock.now()
+    with db.transaction() as s:
+        st = strategy(s, org.id, now, [("email", "t", 0)], trigger_days=0)
+        c = Campaign(organization_id=org.id, name="C", strategy_id=st.id, status="draft", start_date=date(2026, 3, 1),
+                     end_date=date(2026, 3, 31), created_at=now, updated_at=now)
+        s.add(c)
+        s.flush()
+        a = debtor(s, org.id, now, "CAMP", due=date(2026, 2, 20), campaign_id=c.id)
+        refresh(s, org.id, now)
+        assert enqueue(s, organization_id=org.id, now=now, campaign_id=c.id, cause="x").assigned == 0
+        c.status = "active"
+        s.flush()
+        r = enqueue(s, organization_id=org.id, now=now, campaign_id=c.id, cause="enqueue_campaign")
+        assert (r.assigned, r.enqueued) == (1, 1)
+        item = s.scalars(select(QueueItem).where(QueueItem.account_id == a.id)).one()
+        assert item.campaign_id == c.id and item.strategy_id == st.id
+        assert log(s, a.id)[0] == ("assigned", None, None)
+    clock.set(utc(2026, 4, 2, 9))  # after the end date
+    with db.transaction() as s:
+        s.execute(QueueItem.__table__.delete())
+        assert enqueue(s, organization_id=org.id, now=clock.now(), campaign_id=c.id, cause="late").enqueued == 0
+
+
+def test_two_processes_enqueueing_at_once_create_each_item_once(db, org, clock):
+    import threading
+
+    now = clock.now()
+    with db.transaction() as s:
+        st = strategy(s, org.id, now, [("email", "t", 0), ("sms", "p", 0), ("email", "p", 0)],
+                      trigger_type="amount_threshold", trigger_amount=1)
+        for i in range(30):
+            debtor(s, org.id, now, f"R{i}", due=date(2026, 3, 30))
+        refresh(s, org.id, now)
+        from duecourse.engine.assign import assign_by_trigger
+        from duecourse.tenancy.models import Organization
+        assign_by_trigger(s, strategy=st, org=s.get(Organization, org.id), rates={}, now=now)
+
+    barrier = threading.Barrier(2)
+    errors: list[BaseException] = []
+
+    def worker():
+        try:
+            with db.transaction() as s:
+                barrier.wait()
+                enqueue(s, organization_id=org.id, now=now, cause="race")
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    with db.transaction() as s:
+        rows = s.execute(select(QueueItem.account_id, QueueItem.stage_index)).all()
+        # run_all_in_order: all three stages (offsets 0, 0, 0) are due for all 30 accounts, once each.
+        assert len(rows) == 90 and len(set(rows)) == 90
+        from duecourse.engine.models import ExecutionLogEntry
+        enq = s.scalar(select(func.count()).select_from(ExecutionLogEntry).where(ExecutionLogEntry.event == "enqueued"))
+        assert enq == 90
+        firsts = s.scalar(select(func.count()).select_from(ExecutionLogEntry).where(ExecutionLogEntry.event == "first_action"))
+        assert firsts == 30  # the second pass waited for the first and found nothing left to do
