@@ -111,3 +111,16 @@ def earliest_within_limit(
             # Once the `excess` oldest contacts leave the window, one more is allowed.
             earliest = max(earliest, recent[excess - 1] + window)
     return earliest
+
+
+def last_automation_slot(now: datetime, *, tz: str, at: str, days: frozenset[int]) -> datetime | None:
+    """The latest automation slot at or before ``now`` within the past week (None if there is none)."""
+    t = parse_hhmm(at) or time(0, 0)
+    today = local_date(now, tz)
+    for i in range(8):
+        day = today - timedelta(days=i)
+        if day.weekday() in days:
+            slot = at_local(day, t, tz)
+            if slot <= now:
+                return slot
+    return None

@@ -170,7 +170,7 @@ def preview_links(external_id: str) -> tuple[str, str]:
     )
 
 
-def _account_context(
+def account_context_for(
     session: Session, *, organization_id: int, account_id: int, now: datetime
 ) -> dict[str, Any]:
     account = session.scalar(scoped(Account, organization_id).where(Account.id == account_id))
@@ -209,7 +209,7 @@ def preview(
         org = session.get(Organization, organization_id)
         context = {**rendering.SAMPLE_CONTEXT, "organization_name": org.name if org else ""}
     else:
-        context = _account_context(session, organization_id=organization_id, account_id=account_id, now=now)
+        context = account_context_for(session, organization_id=organization_id, account_id=account_id, now=now)
     try:
         subject = rendering.render(template.subject, context, field="subject") if template.subject else None
         text = rendering.render(template.body_text, context, field="body_text")

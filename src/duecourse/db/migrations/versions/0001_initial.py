@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-22 19:08:17.744658
+Create Date: 2026-11-22 19:13:41.980627
 """
 
 from __future__ import annotations
@@ -352,6 +352,27 @@ def upgrade() -> None:
         batch_op.create_index('ix_queue_items_org_status', ['organization_id', 'status', 'scheduled_at'], unique=False)
         batch_op.create_index('uq_queue_items_live_account_stage', ['account_id', 'stage_index'], unique=True, sqlite_where=sa.text("status IN ('pending', 'processing')"), postgresql_where=sa.text("status IN ('pending', 'processing')"))
 
+    op.create_table('sandbox_outbox',
+    sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=True, nullable=False),
+    sa.Column('organization_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('account_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('idempotency_key', sa.String(length=100), nullable=False),
+    sa.Column('provider_ref', sa.String(length=100), nullable=False),
+    sa.Column('channel', sa.String(length=16), nullable=False),
+    sa.Column('to', sa.String(length=320), nullable=False),
+    sa.Column('subject', sa.String(length=500), nullable=True),
+    sa.Column('body_text', sa.Text(), nullable=False),
+    sa.Column('body_html', sa.Text(), nullable=True),
+    sa.Column('tone', sa.String(length=16), nullable=True),
+    sa.Column('created_at', sa.DateTime(), nullable=False),
+    sa.ForeignKeyConstraint(['account_id'], ['accounts.id'], name=op.f('fk_sandbox_outbox_account_id_accounts'), ondelete='CASCADE'),
+    sa.ForeignKeyConstraint(['organization_id'], ['organizations.id'], name=op.f('fk_sandbox_outbox_organization_id_organizations'), ondelete='CASCADE'),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_sandbox_outbox')),
+    sa.UniqueConstraint('idempotency_key', name='uq_sandbox_outbox_idempotency_key')
+    )
+    with op.batch_alter_table('sandbox_outbox', schema=None) as batch_op:
+        batch_op.create_index('ix_sandbox_outbox_org', ['organization_id', 'id'], unique=False)
+
     op.create_table('interactions',
     sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=True, nullable=False),
     sa.Column('organization_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
@@ -506,6 +527,10 @@ def downgrade() -> None:
         batch_op.drop_index('ix_interactions_account')
 
     op.drop_table('interactions')
+    with op.batch_alter_table('sandbox_outbox', schema=None) as batch_op:
+        batch_op.drop_index('ix_sandbox_outbox_org')
+
+    op.drop_table('sandbox_outbox')
     with op.batch_alter_table('queue_items', schema=None) as batch_op:
         batch_op.drop_index('uq_queue_items_live_account_stage', sqlite_where=sa.text("status IN ('pending', 'processing')"), postgresql_where=sa.text("status IN ('pending', 'processing')"))
         batch_op.drop_index('ix_queue_items_org_status')

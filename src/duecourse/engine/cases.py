@@ -1,0 +1,67 @@
+"""Named case transitions (SPEC §4.2, §4.8), each writing its execution-log entry."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from duecourse.engine.models import ExecutionLogEntry
+from duecourse.engine.timing import local_date
+from duecourse.ledger.derived import refresh_tabs
+from duecourse.ledger.models import Account, AccountStatus
+from duecourse.tenancy.service import get_settings
+
+
+def log_event(
+    session: Session,
+    account: Account,
+    *,
+    at: datetime,
+    event: str,
+    stage_index: int | None = None,
+    queue_item_id: int | None = None,
+    reason: str | None = None,
+    cause: str | None = None,
+    details: dict[str, Any] | None = None,
+) -> None:
+    session.add(
+        ExecutionLogEntry(
+            organization_id=account.organization_id,
+            account_id=account.id,
+            at=at,
+            event=event,
+            case_number=account.case_number,
+            stage_index=stage_index,
+            queue_item_id=queue_item_id,
+            reason=reason,
+            cause=cause,
+            details=details,
+        )
+    )
+
+
+def advance(session: Session, account: Account, *, completed_stage: int, stage_count: int, org_tz: str, now: datetime, cause: str) -> None:
+    """The stage is done: the case moves to the next stage, or the sequence is completed (§4.1)."""
+    nxt = completed_stage + 1
+    account.case_next_stage = nxt
+    account.case_prev_completed_at = now
+    account.case_prev_completed_on = local_date(now, org_tz)
+    account.case_retry_count = 0
+    account.updated_at = now
+    if nxt >= stage_count:
+        account.case_sequence_finished = True
+        account.status = AccountStatus.sequence_completed
+        log_event(session, account, at=now, event="sequence_completed", stage_index=completed_stage, cause=cause)
+    else:
+        if account.status in (AccountStatus.pending_contact, AccountStatus.promise_overdue):
+            account.status = AccountStatus.in_auto_management
+        log_event(session, account, at=now, event="advanced", stage_index=nxt, cause=cause)
+    refresh_account_tab(session, account)
+
+
+def refresh_account_tab(session: Session, account: Account) -> None:
+    session.flush()
+    exclusions = get_settings(session, account.organization_id).exclusions
+    refresh_tabs(session, organization_id=account.organization_id, exclusions=exclusions, account_ids=[account.id])

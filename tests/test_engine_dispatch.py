@@ -1,0 +1,223 @@
+"""Engine scenarios through ``tick`` (SPEC §4.5–§4.7, §4.10): the clock moves, the queue, the outbox,
+the account and the execution log are asserted."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, timedelta
+
+from sqlalchemy import select
+
+from duecourse.channels.models import SandboxMessage
+from duecourse.engine.cycle import tick
+from duecourse.engine.dispatch import claim, process_item, recover_expired_leases
+from duecourse.engine.enqueue import enqueue
+from duecourse.engine.models import QueueItem
+from duecourse.ledger.models import Account
+from duecourse.messaging.models import Template
+from duecourse.tenancy import service as tenancy
+from duecourse.tenancy.principal import Principal
+from tests.engine_helpers import debtor, items, log, refresh, strategy
+
+
+def utc(*a):
+    return datetime(*a, tzinfo=UTC)
+
+
+def _templates(s, org_id, now):
+    t = {}
+    for ch in ("email", "sms"):
+        tpl = Template(organization_id=org_id, name=f"{ch} t", channel=ch, tone="standard",
+                       subject="Invoice {{ carrying_invoice_number }}" if ch == "email" else None,
+                       body_text="Hello {{ debtor_name }}, you owe {{ balance }} {{ currency }}.",
+                       created_at=now, updated_at=now)
+        s.add(tpl)
+        s.flush()
+        t[ch] = tpl.id
+    return t
+
+
+def _setup(db, org, now, stages, **kw):
+    with db.transaction() as s:
+        t = _templates(s, org.id, now)
+        st = strategy(s, org.id, now, stages, trigger_type="days_overdue", trigger_days=0, **kw)
+        for stage in st.stages:
+            if stage.action_type in ("email", "sms"):
+                stage.template_id = t[stage.action_type]
+        return st.id
+
+
+def outbox(db, account_id=None):
+    with db.transaction() as s:
+        q = select(SandboxMessage).order_by(SandboxMessage.id)
+        if account_id:
+            q = q.where(SandboxMessage.account_id == account_id)
+        return [(m.channel, m.to, m.subject, m.created_at) for m in s.scalars(q)]
+
+
+def test_a_living_sequence_day_by_day(db, org, clock):
+    now = clock.now()  # Monday 2026-03-02 09:00 UTC, 10:00 Madrid
+    _setup(db, org, now, [("email", "t", 0), ("sms", "p", 3)])
+    with db.transaction() as s:
+        a = debtor(s, org.id, now, "LIVE", due=date(2026, 3, 1))
+        a_id = a.id
+        refresh(s, org.id, now)
+    # Monday: the 07:00 run has passed -> assign, enqueue stage 0 (due yesterday, slot Monday 07:00), send.
+    r = tick(db, now=clock.now())
+    assert (r["strategy_runs"], r["assigned"], r["enqueued"]) == (1, 1, 1) and r["dispatch"] == {"dispatched": 1}
+    assert outbox(db) == [("email", "live@example.com", "Invoice LIVE-1", clock.now())]
+    with db.transaction() as s:
+        acct = s.get(Account, a_id)
+        assert (acct.status, acct.case_next_stage, acct.collection_tab) == ("in_auto_management", 1, "engaged")
+        assert [e[0] for e in log(s, a_id)] == ["assigned", "first_action", "enqueued", "dispatched", "advanced"]
+    # Tuesday: the run enqueues the SMS for Thursday (3 days after Monday), nothing is sent.
+    clock.advance(days=1)
+    r = tick(db, now=clock.now())
+    assert r["enqueued"] == 1 and r["dispatch"] == {}
+    with db.transaction() as s:
+        assert items(s, a_id)[-1] == (1, "pending", utc(2026, 3, 5, 7), None)  # Thu 08:00 Madrid: SMS hours
+    clock.advance(days=1)
+    assert tick(db, now=clock.now())["dispatch"] == {}
+    clock.advance(days=1)  # Thursday 09:00 UTC
+    assert tick(db, now=clock.now())["dispatch"] == {"dispatched": 1}
+    assert [m[0] for m in outbox(db)] == ["email", "sms"]
+    with db.transaction() as s:
+        acct = s.get(Account, a_id)
+        assert (acct.status, acct.collection_tab, acct.case_sequence_finished) == ("sequence_completed", "follow_up", True)
+        assert log(s, a_id)[-1] == ("sequence_completed", 1, None)
+    # Friday: nothing more happens.
+    clock.advance(days=1)
+    r = tick(db, now=clock.now())
+    assert r["enqueued"] == 0 and r["dispatch"] == {}
+
+
+def test_opt_out_skips_and_advances(db, org, clock):
+    now = clock.now()
+    _setup(db, org, now, [("email", "t", 0), ("sms", "p", 0)])
+    with db.transaction() as s:
+        a = debtor(s, org.id, now, "OPT", due=date(2026, 3, 1), opt_out_email=True, phone=None)
+        a_id = a.id
+        refresh(s, org.id, now)
+    tick(db, now=now)
+    assert outbox(db) == []
+    with db.transaction() as s:
+        got = items(s, a_id)
+        assert [(i[0], i[1], i[3]) for i in got] == [(0, "skipped", "opt_out"), (1, "skipped", "no_contact_info")]
+        events = [(e[0], e[1], e[2]) for e in log(s, a_id) if e[0] in ("skipped", "advanced", "sequence_completed")]
+        assert events == [("skipped", 0, "opt_out"), ("advanced", 1, None), ("skipped", 1, "no_contact_info"),
+                          ("sequence_completed", 1, None)]
+
+
+def test_frequency_limit_defers_instead_of_dropping(db, org, clock):
+    now = clock.now()
+    _setup(db, org, now, [("email", "t", 0), ("email", "p", 0)])
+    with db.transaction() as s:
+        a = debtor(s, org.id, now, "FREQ", due=date(2026, 3, 1))
+        a_id = a.id
+        refresh(s, org.id, now)
+    tick(db, now=now)  # both stages are due today; the first is sent, the second waits for the limit
+    with db.transaction() as s:
+        got = items(s, a_id)
+    assert [(i[0], i[1], i[3]) for i in got] == [(0, "completed", None), (1, "skipped", "frequency_limit"), (1, "pending", None)]
+    assert got[2][2] == now + timedelta(days=1)  # one contact a day: 24 h after the first
+    clock.advance(days=1)
+    r = tick(db, now=clock.now())
+    assert r["dispatch"] == {"dispatched": 1}
+    assert len(outbox(db)) == 2
+
+
+def test_outside_hours_in_debtor_timezone_reschedules(db, org, clock):
+    clock.set(utc(2026, 3, 2, 23))  # Monday 23:00 UTC = 18:00 in New York, 00:00 Madrid
+    now = clock.now()
+    _setup(db, org, now, [("sms", "t", 0)], automation_time="00:00", automation_days="mon,tue,wed,thu,fri,sat,sun")
+    with db.transaction() as s:
+        tokyo = debtor(s, org.id, now, "TOKYO", due=date(2026, 3, 1), timezone="Asia/Tokyo")  # 08:00 Tuesday there
+        tokyo_id = tokyo.id
+        refresh(s, org.id, now)
+    with db.transaction() as s:
+        from duecourse.engine.runs import run_strategy_now
+        from duecourse.strategies.models import Strategy
+        st = s.scalars(select(Strategy)).one()
+        run_strategy_now(s, strategy=st, now=now, principal=Principal.system(org.id))
+        # Put the item at a time outside Tokyo's hours (02:00 there) to exercise the dispatch rule.
+        s.execute(QueueItem.__table__.update().values(scheduled_at=utc(2026, 3, 2, 17)))
+    clock.set(utc(2026, 3, 2, 17))
+    tick(db, now=clock.now())
+    with db.transaction() as s:
+        got = items(s, tokyo_id)
+    assert [(i[0], i[1], i[3]) for i in got] == [(0, "skipped", "outside_hours"), (0, "pending", None)]
+    assert got[1][2] == utc(2026, 3, 2, 23)  # 08:00 Tuesday in Tokyo
+
+
+def test_engine_pause_keeps_items_and_resume_sends(db, org, clock):
+    now = clock.now()
+    _setup(db, org, now, [("email", "t", 0)])
+    with db.transaction() as s:
+        a = debtor(s, org.id, now, "PAUSE", due=date(2026, 3, 1))
+        a_id = a.id
+        refresh(s, org.id, now)
+        from duecourse.strategies.models import Strategy
+        st = s.scalars(select(Strategy)).one()
+        enqueue(s, organization_id=org.id, now=now, strategy_id=None, cause="test")  # no trigger run: nothing assigned
+        from duecourse.engine.assign import assign_by_trigger
+        from duecourse.tenancy.models import Organization
+        assign_by_trigger(s, strategy=st, org=s.get(Organization, org.id), rates={}, now=now)
+        enqueue(s, organization_id=org.id, now=now, strategy_id=st.id, cause="test")
+        st.last_run_at = now
+        tenancy.update_settings(s, principal=Principal.system(org.id), patch={"automation": {"engine_paused": True}}, now=now)
+    r = tick(db, now=now)
+    assert r["dispatch"] == {} and outbox(db) == []
+    with db.transaction() as s:
+        assert [i[1] for i in items(s, a_id)] == ["pending"]
+        tenancy.update_settings(s, principal=Principal.system(org.id), patch={"automation": {"engine_paused": False}}, now=now)
+    assert tick(db, now=now)["dispatch"] == {"dispatched": 1}
+
+
+def test_blocked_after_enqueue_is_cancelled_not_sent(db, org, clock):
+    now = clock.now()
+    _setup(db, org, now, [("email", "t", 0)], automation_time="23:00")
+    with db.transaction() as s:
+        a = debtor(s, org.id, now, "BLOCK", due=date(2026, 3, 20))
+        a_id = a.id
+        refresh(s, org.id, now)
+        from duecourse.engine.runs import run_strategy_now
+        from duecourse.strategies.models import Strategy
+        st = s.scalars(select(Strategy)).one()
+        st.trigger_type, st.trigger_amount = "amount_threshold", 1
+        run_strategy_now(s, strategy=st, now=now, principal=Principal.system(org.id))
+        acct = s.get(Account, a_id)
+        acct.blocked, acct.blocked_reason = True, "legal"
+    clock.set(utc(2026, 3, 2, 23))
+    r = tick(db, now=clock.now())
+    assert r["dispatch"] == {"cancelled": 1} and outbox(db) == []
+    with db.transaction() as s:
+        assert [(i[1], i[3]) for i in items(s, a_id)] == [("cancelled", "account_blocked")]
+        assert ("cancelled", 0, "account_blocked") in log(s, a_id)
+
+
+def test_expired_lease_is_recovered_without_a_second_message(db, org, clock):
+    now = clock.now()
+    _setup(db, org, now, [("email", "t", 0)])
+    with db.transaction() as s:
+        a = debtor(s, org.id, now, "LEASE", due=date(2026, 3, 1))
+        a_id = a.id
+        refresh(s, org.id, now)
+        from duecourse.engine.runs import run_strategy_now
+        from duecourse.strategies.models import Strategy
+        run_strategy_now(s, strategy=s.scalars(select(Strategy)).one(), now=now, principal=Principal.system(org.id))
+    with db.transaction() as s:
+        (item_id,) = claim(s, now=now, worker="w1", limit=10, lease_seconds=60)
+    # Worker 1 sends, then dies before committing: simulate by sending inside a rolled-back transaction.
+    try:
+        with db.transaction() as s:
+            assert process_item(s, item_id=item_id, now=now, worker="w1") == "dispatched"
+            raise RuntimeError("worker killed")
+    except RuntimeError:
+        pass
+    later = now + timedelta(minutes=5)
+    with db.transaction() as s:
+        assert recover_expired_leases(s, now=later) == 1
+    assert tick(db, now=later)["dispatch"] == {"dispatched": 1}
+    assert len(outbox(db, a_id)) == 1
+    with db.transaction() as s:
+        item = s.get(QueueItem, item_id)
+        assert (item.status, item.attempt, item.provider_ref) == ("completed", 2, f"sandbox-qi-{item_id}")
