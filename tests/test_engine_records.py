@@ -56,3 +56,21 @@ def test_other_organization_gets_404_and_empty_lists(other_org, org, records):
     for path in ("/api/v1/queue-items", "/api/v1/interactions", "/api/v1/tasks", "/api/v1/execution-log"):
         assert other_org.get(path).json()["items"] == []
         assert org.client.get(path).status_code == 401
+
+
+def test_engine_controls_and_kpis(org, other_org, records, clock):
+    k = org.get("/api/v1/engine/kpis", role="viewer").json()
+    # The fixture has one pending item; completed/skipped items carry no finished_at, so not "today".
+    assert (k["pending"], k["processing"], k["engine_paused"]) == (1, 0, False)
+    assert other_org.get("/api/v1/engine/kpis").json()["pending"] == 0
+    assert org.post("/api/v1/engine/pause", role="viewer").status_code == 403
+    assert org.post("/api/v1/engine/pause", role="manager").json() == {"engine_paused": True}
+    assert org.get("/api/v1/settings").json()["automation"]["engine_paused"] is True
+    assert other_org.get("/api/v1/settings").json()["automation"]["engine_paused"] is False
+    assert org.post("/api/v1/engine/enqueue", json={}).json()["paused"] is True
+    assert org.post("/api/v1/engine/resume", role="manager").json() == {"engine_paused": False}
+    r = org.post("/api/v1/engine/enqueue", json={"campaign_id": 999999})
+    assert r.status_code == 404
+    r = org.post("/api/v1/engine/enqueue", json={"campagin_id": 1})
+    assert r.status_code == 422 and r.json()["error"]["fields"][0]["field"] == "campagin_id"
+    assert org.post("/api/v1/engine/enqueue", json={}).json()["paused"] is False

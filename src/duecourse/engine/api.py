@@ -9,9 +9,20 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from fastapi import APIRouter, Depends, Query
+from datetime import time
 
-from duecourse.deps import DbSession, Reader
+from fastapi import APIRouter, Depends, Query
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import func, select
+
+from duecourse.campaigns.models import Campaign
+from duecourse.engine.enqueue import enqueue
+from duecourse.engine.timing import at_local, local_date
+from duecourse.tenancy.models import Organization
+from duecourse.tenancy.service import get_settings, update_settings
+
+from duecourse.deps import AppClock, DbSession, Reader, requires
+from duecourse.tenancy.principal import Permission, Principal
 from duecourse.engine.models import ExecutionLogEntry, Interaction, QueueItem, QueueStatus, Task, TaskStatus
 from duecourse.engine.schemas import ExecutionLogOut, InteractionOut, QueueItemOut, TaskOut
 from duecourse.pagination import Page, PageParams, paginate
@@ -116,3 +127,66 @@ def list_execution_log(
     if event is not None:
         stmt = stmt.where(ExecutionLogEntry.event == event)
     return paginate(session, stmt, ExecutionLogEntry.id, page, ExecutionLogOut.model_validate, descending=True)
+
+
+Operator = requires(Permission.operate_engine)
+
+
+class EnqueueIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    campaign_id: int | None = Field(None, description="One campaign's accounts; omit for all eligible accounts")
+
+
+@router.get("/engine/kpis", summary="Execution KPIs (SPEC §8): pending, processing, completed/failed/skipped today")
+def engine_kpis(principal: Reader, session: DbSession, clock: AppClock) -> dict[str, Any]:
+    org = session.get(Organization, principal.organization_id)
+    assert org is not None
+    now = clock.now()
+    start = at_local(local_date(now, org.timezone), time(0, 0), org.timezone)
+    org_items = QueueItem.organization_id == org.id
+    live = dict(
+        session.execute(
+            select(QueueItem.status, func.count()).where(org_items, QueueItem.status.in_(["pending", "processing"])).group_by(QueueItem.status)
+        ).all()
+    )
+    today = dict(
+        session.execute(
+            select(QueueItem.status, func.count())
+            .where(org_items, QueueItem.status.in_(["completed", "failed", "skipped"]), QueueItem.finished_at >= start)
+            .group_by(QueueItem.status)
+        ).all()
+    )
+    return {
+        "pending": live.get("pending", 0),
+        "processing": live.get("processing", 0),
+        "completed_today": today.get("completed", 0),
+        "failed_today": today.get("failed", 0),
+        "skipped_today": today.get("skipped", 0),
+        "engine_paused": get_settings(session, org.id).automation.engine_paused,
+        "since": start,
+    }
+
+
+def _set_paused(session: Any, principal: Principal, paused: bool, now: Any) -> dict[str, Any]:
+    settings = update_settings(session, principal=principal, patch={"automation": {"engine_paused": paused}}, now=now)
+    return {"engine_paused": settings.automation.engine_paused}
+
+
+@router.post("/engine/pause", summary="Pause Automation: nothing is dispatched; pending items stay pending")
+def pause_engine(session: DbSession, clock: AppClock, principal: Principal = Operator) -> dict[str, Any]:
+    return _set_paused(session, principal, True, clock.now())
+
+
+@router.post("/engine/resume", summary="Resume Automation")
+def resume_engine(session: DbSession, clock: AppClock, principal: Principal = Operator) -> dict[str, Any]:
+    return _set_paused(session, principal, False, clock.now())
+
+
+@router.post("/engine/enqueue", summary="Enqueue now: all eligible accounts, or one campaign's")
+def enqueue_now(body: EnqueueIn, session: DbSession, clock: AppClock, principal: Principal = Operator) -> dict[str, Any]:
+    if body.campaign_id is not None:
+        get_owned(session, Campaign, body.campaign_id, principal.organization_id, "Campaign")
+    result = enqueue(
+        session, organization_id=principal.organization_id, now=clock.now(), campaign_id=body.campaign_id, cause="manual_enqueue"
+    )
+    return result.as_dict()

@@ -1,0 +1,85 @@
+"""Long-running engine processes (SPEC §4.10, §9): the scheduler loop, the worker loop, and both
+together in a background thread for the embedded ``serve``/``demo``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from datetime import datetime
+
+from sqlalchemy import select
+
+from duecourse.clock import Clock
+from duecourse.db import Database
+from duecourse.engine.cycle import run_scheduled
+from duecourse.engine.dispatch import run_due
+from duecourse.tenancy.models import Organization
+from duecourse.tenancy.service import get_settings
+
+log = logging.getLogger("duecourse.engine")
+
+
+def worker_name(kind: str) -> str:
+    return f"{kind}@{socket.gethostname()}:{os.getpid()}:{threading.get_ident() % 10000}"
+
+
+def scheduler_pass(db: Database, *, now: datetime, worker: str, last_run: dict[int, datetime]) -> int:
+    """One pass: each organization whose interval has elapsed gets its scheduled work. Returns how many."""
+    with db.transaction() as session:
+        org_ids = session.scalars(select(Organization.id)).all()
+    ran = 0
+    for org_id in org_ids:
+        with db.transaction() as session:
+            interval = get_settings(session, org_id).automation.scheduler_interval_minutes
+            previous = last_run.get(org_id)
+            if previous is not None and (now - previous).total_seconds() < interval * 60:
+                continue
+            org = session.get(Organization, org_id)
+            assert org is not None
+            counts = run_scheduled(session, org=org, now=now, worker=worker)
+        last_run[org_id] = now
+        ran += 1
+        if any(counts.values()):
+            log.info("scheduler org=%s %s", org_id, counts)
+    return ran
+
+
+def run_loop(
+    db: Database,
+    clock: Clock,
+    *,
+    scheduler: bool,
+    worker: bool,
+    poll_seconds: float = 5.0,
+    stop: threading.Event | None = None,
+) -> None:
+    """Run the scheduler and/or the worker until ``stop`` is set (or forever)."""
+    stop = stop or threading.Event()
+    name = worker_name("engine")
+    last_run: dict[int, datetime] = {}
+    while not stop.is_set():
+        started = time.monotonic()
+        try:
+            if scheduler:
+                scheduler_pass(db, now=clock.now(), worker=name, last_run=last_run)
+            if worker:
+                counts = run_due(db, now=clock.now(), worker=name)
+                if counts:
+                    log.info("worker %s", counts)
+        except Exception:  # noqa: BLE001 - a failed pass is logged and retried on the next one
+            log.exception("engine pass failed")
+        stop.wait(max(0.0, poll_seconds - (time.monotonic() - started)))
+
+
+def start_background(db: Database, clock: Clock, *, poll_seconds: float = 5.0) -> threading.Event:
+    """The embedded engine: scheduler and worker in a daemon thread. Set the returned event to stop."""
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=run_loop, args=(db, clock), kwargs={"scheduler": True, "worker": True, "poll_seconds": poll_seconds, "stop": stop},
+        name="duecourse-engine", daemon=True,
+    )
+    thread.start()
+    return stop
