@@ -76,7 +76,7 @@ def test_days_overdue_trigger_assigns_with_anchor_and_log(db, org, clock):
         assert late.collection_tab == "scheduled" and late.case_number == 1
         assert early.strategy_id is None and early.status == AccountStatus.unassigned
         assert blocked.strategy_id is None
-        log = s.scalars(select(ExecutionLogEntry).where(ExecutionLogEntry.account_id == late.id)).all()
+        log = s.scalars(select(ExecutionLogEntry).where(ExecutionLogEntry.account_id == late.id).order_by(ExecutionLogEntry.id)).all()
         assert (log[0].event, log[0].cause, log[0].details["strategy_id"]) == ("assigned", "strategy_trigger", ids[3])
         # Run Now also enqueues the new case's first action.
         assert [(e.event, e.stage_index) for e in log[1:]] == [("first_action", 0), ("enqueued", 0)]

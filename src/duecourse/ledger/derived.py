@@ -10,9 +10,10 @@ exclusion settings change. Nothing here loops over accounts in Python.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import date, datetime
+from datetime import UTC, date, datetime
+from functools import lru_cache
 from typing import Any
-from zoneinfo import ZoneInfo
+from zoneinfo import ZoneInfo, available_timezones
 
 from sqlalchemy import (
     Integer,
@@ -90,68 +91,83 @@ def tab_expr(exclusions: ExclusionSettings) -> ColumnElement[Any]:
 
 def refresh_tabs(session: Session, *, organization_id: int, exclusions: ExclusionSettings, account_ids: AccountIds = None) -> None:
     """Recompute ``collection_tab`` (after a status, flag or exclusion-settings change)."""
+    tab = tab_expr(exclusions)
     session.execute(
         update(Account)
-        .where(_in_scope(organization_id, account_ids))
-        .values(collection_tab=tab_expr(exclusions))
+        .where(_in_scope(organization_id, account_ids), Account.collection_tab.is_distinct_from(tab))
+        .values(collection_tab=tab)
         .execution_options(synchronize_session=False)
     )
 
 
 def refresh_balances(session: Session, *, organization_id: int, account_ids: AccountIds = None) -> None:
-    """Recompute balance, gross_open, carrying invoice and its due date from the invoices."""
-    unpaid = Invoice.total - Invoice.amount_paid
-    open_undisputed = and_(Invoice.status == InvoiceStatus.open.value, Invoice.disputed == false())
-    scope_ids = select(Account.id).where(_in_scope(organization_id, account_ids))
+    """Recompute balance, gross_open, carrying invoice and its due date from the invoices.
 
-    sums = (
-        select(
-            Invoice.account_id.label("account_id"),
-            func.coalesce(func.sum(case((open_undisputed, unpaid), else_=0)), 0).label("balance"),
-            func.coalesce(func.sum(case((Invoice.status == InvoiceStatus.open.value, unpaid), else_=0)), 0).label(
-                "gross_open"
-            ),
-        )
-        .where(Invoice.organization_id == organization_id, Invoice.account_id.in_(scope_ids))
-        .group_by(Invoice.account_id)
-        .subquery()
-    )
+    One pass over the open invoices in scope with window functions gives one row per account (no
+    join between derived tables, whose plans SQLite gets wrong without statistics); two UPDATEs then
+    write only the accounts whose values change, so a whole-organization refresh of a large
+    portfolio costs reads, not a rewrite of every account row and its indexes.
+    """
+    unpaid = Invoice.total - Invoice.amount_paid
+    carries = and_(Invoice.disputed == false(), Invoice.total > Invoice.amount_paid)
+    in_scope = [Invoice.organization_id == organization_id, Invoice.status == InvoiceStatus.open.value]
+    if account_ids is not None:
+        in_scope.append(Invoice.account_id.in_(account_ids))
+    per_account = Invoice.account_id
     ranked = (
         select(
             Invoice.account_id.label("account_id"),
-            Invoice.id.label("invoice_id"),
-            Invoice.due_date.label("due_date"),
+            func.sum(case((Invoice.disputed == false(), unpaid), else_=0)).over(partition_by=per_account).label("balance"),
+            func.sum(unpaid).over(partition_by=per_account).label("gross_open"),
+            case((carries, Invoice.id), else_=null()).label("invoice_id"),
+            case((carries, Invoice.due_date), else_=null()).label("due_date"),
             func.row_number()
-            .over(partition_by=Invoice.account_id, order_by=(Invoice.due_date, Invoice.number, Invoice.id))
+            .over(
+                partition_by=per_account,
+                # the carrying invoice (SPEC §2): oldest due date, then lowest number, among those that carry
+                order_by=(case((carries, 0), else_=1), Invoice.due_date, Invoice.number, Invoice.id),
+            )
             .label("rn"),
         )
-        .where(
-            Invoice.organization_id == organization_id,
-            Invoice.account_id.in_(scope_ids),
-            open_undisputed,
-            Invoice.total > Invoice.amount_paid,
-        )
+        .where(*in_scope)
         .subquery()
     )
-    carrying = select(ranked.c.account_id, ranked.c.invoice_id, ranked.c.due_date).where(ranked.c.rn == 1).subquery()
+    new = select(ranked).where(ranked.c.rn == 1).subquery()
 
-    # Reset, then fill from the aggregates: accounts without open invoices drop out of the joins.
+    # Accounts with no open invoice left: zero, no carrying invoice.
+    has_open = exists().where(Invoice.account_id == Account.id, Invoice.status == InvoiceStatus.open.value)
     session.execute(
         update(Account)
-        .where(_in_scope(organization_id, account_ids))
+        .where(
+            _in_scope(organization_id, account_ids),
+            or_(
+                Account.balance != 0,
+                Account.gross_open != 0,
+                Account.carrying_invoice_id.is_not(None),
+                Account.carrying_due_date.is_not(None),
+            ),
+            ~has_open,
+        )
         .values(balance=0, gross_open=0, carrying_invoice_id=None, carrying_due_date=None)
         .execution_options(synchronize_session=False)
     )
     session.execute(
         update(Account)
-        .where(Account.id == sums.c.account_id)
-        .values(balance=sums.c.balance, gross_open=sums.c.gross_open)
-        .execution_options(synchronize_session=False)
-    )
-    session.execute(
-        update(Account)
-        .where(Account.id == carrying.c.account_id)
-        .values(carrying_invoice_id=carrying.c.invoice_id, carrying_due_date=carrying.c.due_date)
+        .where(
+            Account.id == new.c.account_id,
+            or_(
+                Account.balance != new.c.balance,
+                Account.gross_open != new.c.gross_open,
+                Account.carrying_invoice_id.is_distinct_from(new.c.invoice_id),
+                Account.carrying_due_date.is_distinct_from(new.c.due_date),
+            ),
+        )
+        .values(
+            balance=new.c.balance,
+            gross_open=new.c.gross_open,
+            carrying_invoice_id=new.c.invoice_id,
+            carrying_due_date=new.c.due_date,
+        )
         .execution_options(synchronize_session=False)
     )
 
@@ -246,22 +262,39 @@ def refresh_accounts(
     session.expire_all()
 
 
+@lru_cache(maxsize=1)
+def _zone_names() -> tuple[str, ...]:
+    return tuple(sorted(available_timezones()))
+
+
+@lru_cache(maxsize=128)
+def _local_dates(slot: datetime) -> tuple[tuple[date, tuple[str, ...]], ...]:
+    """Every IANA zone grouped by its local date at ``slot``, largest group first."""
+    groups: dict[date, list[str]] = {}
+    for zone in _zone_names():
+        groups.setdefault(slot.astimezone(ZoneInfo(zone)).date(), []).append(zone)
+    return tuple(sorted(((d, tuple(z)) for d, z in groups.items()), key=lambda g: -len(g[1])))
+
+
 def local_today_expr(
     session: Session, *, organization_id: int, org_timezone: str, now: datetime
 ) -> ColumnElement[Any]:
     """Today's date in each account's own time zone, as a SQL expression (SPEC §4.11).
 
-    One CASE over the few distinct time zones the organization's accounts use, so filters and
-    sorts on days overdue stay in SQL on both databases.
+    A NULL ``Account.timezone`` means the organization's. At any instant the world's zones span at
+    most three local dates, so this is a CASE over the zone names grouped by their date, built from
+    the zone database rather than by scanning the accounts (which would read every row of a large
+    portfolio on each call). Filters and sorts on days overdue stay in SQL on both databases.
     """
-    zones = session.scalars(
-        select(Account.timezone).where(Account.organization_id == organization_id, Account.timezone.is_not(None)).distinct()
-    ).all()
-    default = now.astimezone(ZoneInfo(org_timezone)).date()
-    whens = [(Account.timezone == z, literal(now.astimezone(ZoneInfo(z)).date())) for z in zones]
-    if not whens:
-        return literal(default)
-    return case(*whens, else_=literal(default))
+    # Every UTC offset is a multiple of 15 minutes, so local dates only change on those boundaries.
+    now_utc = now.astimezone(UTC)
+    slot = now_utc.replace(minute=now_utc.minute - now_utc.minute % 15, second=0, microsecond=0)
+    groups = _local_dates(slot)
+    org_today = now.astimezone(ZoneInfo(org_timezone)).date()
+    (common_date, _), minority = groups[0], groups[1:]
+    whens: list[tuple[ColumnElement[bool], ColumnElement[Any]]] = [(Account.timezone.is_(None), literal(org_today))]
+    whens += [(Account.timezone.in_(zones), literal(d)) for d, zones in minority]
+    return case(*whens, else_=literal(common_date))
 
 
 def days_between_expr(session: Session, later: ColumnElement[Any], earlier: ColumnElement[Any]) -> ColumnElement[int]:

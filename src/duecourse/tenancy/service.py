@@ -179,4 +179,11 @@ def update_settings(
     else:
         row.data = new_data
         row.updated_at = now
+    if any(k.startswith("exclusions.") for k in changes):
+        # SPEC §6: exclusion rules decide the Blocked tab, so every account's tab is recomputed.
+        # Balances do not depend on the settings: the one set-based tab update is enough.
+        from duecourse.ledger.derived import refresh_tabs
+
+        session.flush()
+        refresh_tabs(session, organization_id=principal.organization_id, exclusions=updated.exclusions)
     return updated
