@@ -23,7 +23,8 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from duecourse.campaigns.models import Campaign, CampaignStatus
 from duecourse.campaigns.schemas import AccountFilter, CampaignIn, MembershipAdd
-from duecourse.engine.models import Direction, ExecutionLogEntry, Interaction, QueueItem, QueueStatus
+from duecourse.engine.log import cancel_pending
+from duecourse.engine.models import Direction, ExecutionLogEntry, Interaction, QueueItem
 from duecourse.errors import Conflict, FieldError, ValidationFailed
 from duecourse.ledger.models import Account, AccountStatus, AccountTag, Payment, Promise
 from duecourse.pagination import PageParams, paginate
@@ -173,45 +174,16 @@ def _cancel_pending(
     reason: str,
     campaign_id: int,
 ) -> int:
-    """Cancel pending queue items matching ``which``: one execution-log row each (INSERT … SELECT), then one UPDATE."""
-    cond = and_(
-        QueueItem.organization_id == organization_id, QueueItem.status == QueueStatus.pending.value, which
+    """Cancel the campaign's pending queue items matching ``which``, each logged with its reason."""
+    return cancel_pending(
+        session,
+        organization_id=organization_id,
+        which=which,
+        now=now,
+        reason=reason,
+        cause="campaign",
+        details={"campaign_id": campaign_id},
     )
-    session.execute(
-        insert(ExecutionLogEntry).from_select(
-            [
-                "organization_id",
-                "account_id",
-                "at",
-                "event",
-                "case_number",
-                "stage_index",
-                "queue_item_id",
-                "reason",
-                "cause",
-                "details",
-            ],
-            select(
-                QueueItem.organization_id,
-                QueueItem.account_id,
-                literal(now, type_=ExecutionLogEntry.at.type),
-                literal("cancelled"),
-                QueueItem.case_number,
-                QueueItem.stage_index,
-                QueueItem.id,
-                literal(reason),
-                literal("campaign"),
-                literal({"campaign_id": campaign_id}, type_=ExecutionLogEntry.details.type),
-            ).where(cond),
-        )
-    )
-    result = session.execute(
-        update(QueueItem)
-        .where(cond)
-        .values(status=QueueStatus.cancelled.value, reason=reason, finished_at=now, updated_at=now)
-        .execution_options(synchronize_session=False)
-    )
-    return result.rowcount or 0
 
 
 def _detach(

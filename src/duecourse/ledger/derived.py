@@ -23,7 +23,6 @@ from sqlalchemy import (
     exists,
     false,
     func,
-    insert,
     literal,
     null,
     or_,
@@ -34,7 +33,8 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
-from duecourse.engine.models import ExecutionLogEntry, QueueItem, QueueStatus
+from duecourse.engine.log import cancel_pending, log_accounts
+from duecourse.engine.models import QueueItem
 from duecourse.ledger.models import (
     Account,
     AccountStatus,
@@ -180,48 +180,22 @@ def apply_balance_transitions(session: Session, *, organization_id: int, now: da
         scope, Account.balance <= 0, Account.status != AccountStatus.resolved.value
     )
     # Cancel live items of accounts about to resolve, and log both events, before flipping status.
-    pending = select(QueueItem.id).where(
-        QueueItem.organization_id == organization_id,
-        QueueItem.account_id.in_(to_resolve),
-        QueueItem.status == QueueStatus.pending.value,
+    cancel_pending(
+        session,
+        organization_id=organization_id,
+        which=QueueItem.account_id.in_(to_resolve),
+        now=now,
+        reason="resolved",
+        cause="balance_zero",
     )
-    session.execute(
-        insert(ExecutionLogEntry).from_select(
-            ["organization_id", "account_id", "at", "event", "case_number", "stage_index", "queue_item_id", "reason", "cause"],
-            select(
-                QueueItem.organization_id,
-                QueueItem.account_id,
-                literal(now, type_=ExecutionLogEntry.at.type),
-                literal("cancelled"),
-                QueueItem.case_number,
-                QueueItem.stage_index,
-                QueueItem.id,
-                literal("resolved"),
-                literal("balance_zero"),
-            ).where(QueueItem.id.in_(pending)),
-        )
-    )
-    session.execute(
-        update(QueueItem)
-        .where(QueueItem.id.in_(pending))
-        .values(status=QueueStatus.cancelled.value, reason="resolved", finished_at=now, updated_at=now)
-        .execution_options(synchronize_session=False)
-    )
-    session.execute(
-        insert(ExecutionLogEntry).from_select(
-            ["organization_id", "account_id", "at", "event", "case_number", "reason", "cause"],
-            select(
-                Account.organization_id,
-                Account.id,
-                literal(now, type_=ExecutionLogEntry.at.type),
-                literal("resolved"),
-                Account.case_number,
-                literal("balance_zero"),
-                literal("payment_or_invoice_change"),
-            )
-            # An account that never had a case (no debt since it was loaded) resolves silently.
-            .where(Account.id.in_(to_resolve), Account.status != AccountStatus.unassigned.value),
-        )
+    # An account that never had a case (no debt since it was loaded) resolves silently.
+    log_accounts(
+        session,
+        where=and_(Account.id.in_(to_resolve), Account.status != AccountStatus.unassigned.value),
+        at=now,
+        event="resolved",
+        reason="balance_zero",
+        cause="payment_or_invoice_change",
     )
     session.execute(
         update(Account)
