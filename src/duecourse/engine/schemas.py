@@ -56,6 +56,7 @@ class InteractionOut(_Out):
     is_manual: bool
     user_id: int | None
     occurred_at: datetime
+    created_at: datetime
 
 
 class TaskOut(_Out):

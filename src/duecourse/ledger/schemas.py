@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 from babel import Locale, UnknownLocaleError
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, EmailStr, Field
 
+from duecourse.engine.schemas import ExecutionLogOut, InteractionOut  # shared with the engine API
 from duecourse.ledger.models import (
     AccountStatus,
     CollectionTab,
@@ -28,6 +29,7 @@ from duecourse.ledger.models import (
 from duecourse.validation import currency_code, money, phone_e164, timezone_name
 
 MAX_TAGS = 50
+
 
 
 class Strict(BaseModel):
@@ -193,49 +195,9 @@ class TabCounts(BaseModel):
     blocked: int = 0
 
 
-class ExecutionLogOut(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
-    id: int
-    account_id: int
-    at: datetime
-    event: str
-    case_number: int | None
-    stage_index: int | None
-    queue_item_id: int | None
-    reason: str | None
-    cause: str | None
-    details: dict[str, Any] | None
-
-
 class ExecutionLogPage(BaseModel):
     items: list[ExecutionLogOut]
     next_cursor: str | None
-
-
-class InteractionOut(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
-    id: int
-    account_id: int
-    queue_item_id: int | None
-    strategy_id: int | None
-    campaign_id: int | None
-    stage_index: int | None
-    channel: str
-    direction: str
-    status: str
-    provider_ref: str | None
-    outcome: str | None
-    promise_amount: str | None
-    promise_date: date | None
-    callback_at: datetime | None
-    sentiment: str | None
-    willingness: int | None
-    summary: str | None
-    transcript: str | None
-    is_manual: bool
-    user_id: int | None
-    occurred_at: datetime
-    created_at: datetime
 
 
 class InteractionPage(BaseModel):

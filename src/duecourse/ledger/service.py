@@ -13,13 +13,13 @@ zone (``timezone``) and whether it is the default (``timezone_is_default``).
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Select, delete, false, func, or_, select, true
+from sqlalchemy import delete, false, func, or_, select, true
 from sqlalchemy.orm import Session
 
 from duecourse.engine.models import ExecutionLogEntry, Interaction
@@ -40,7 +40,7 @@ from duecourse.ledger.models import (
     PromiseStatus,
 )
 from duecourse.ledger.schemas import AccountIn, InvoiceIn, PaymentIn, PromiseIn
-from duecourse.pagination import PageParams, encode_cursor, paginate
+from duecourse.pagination import PageParams, paginate
 from duecourse.tenancy.models import Organization
 from duecourse.tenancy.scope import get_owned, scoped
 from duecourse.tenancy.service import get_organization, get_settings
@@ -113,18 +113,6 @@ def _resolve_account(
     if account is None:
         raise ValidationFailed.on("account_external_id", "no account with this external_id")
     return account
-
-
-def _page_newest_first(
-    session: Session, stmt: Select[Any], id_column: Any, params: PageParams, serialize: Callable[[Any], Any]
-) -> dict[str, Any]:
-    """Keyset pagination on ``id_column`` descending (logs and interactions read newest first)."""
-    if params.after is not None:
-        stmt = stmt.where(id_column < params.after)
-    rows = session.scalars(stmt.order_by(id_column.desc()).limit(params.limit + 1)).all()
-    more = len(rows) > params.limit
-    rows = rows[: params.limit]
-    return {"items": [serialize(r) for r in rows], "next_cursor": encode_cursor(rows[-1].id) if more and rows else None}
 
 
 # ---------------------------------------------------------------- accounts
@@ -412,7 +400,7 @@ def list_execution_log(session: Session, *, organization_id: int, account_id: in
     """The account's execution log (SPEC §4.9), newest first."""
     account = get_account(session, organization_id=organization_id, account_id=account_id)
     stmt = scoped(ExecutionLogEntry, organization_id).where(ExecutionLogEntry.account_id == account.id)
-    return _page_newest_first(session, stmt, ExecutionLogEntry.id, page, lambda e: e)
+    return paginate(session, stmt, ExecutionLogEntry.id, page, lambda e: e, descending=True)
 
 
 def list_interactions(session: Session, *, organization_id: int, account_id: int, page: PageParams) -> dict[str, Any]:
@@ -426,7 +414,7 @@ def list_interactions(session: Session, *, organization_id: int, account_id: int
             "promise_amount": format_money(i.promise_amount, account.currency),
         }
 
-    return _page_newest_first(session, stmt, Interaction.id, page, view)
+    return paginate(session, stmt, Interaction.id, page, view, descending=True)
 
 
 _INTERACTION_FIELDS = ["id", "account_id", "queue_item_id", "strategy_id", "campaign_id", "stage_index", "channel", "direction", "status", "provider_ref", "outcome", "promise_date", "callback_at", "sentiment", "willingness", "summary", "transcript", "is_manual", "user_id", "occurred_at", "created_at"]
