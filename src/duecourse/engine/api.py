@@ -32,6 +32,14 @@ from duecourse.tenancy.scope import get_owned, scoped
 router = APIRouter(tags=["engine records"])
 
 
+def _equal(stmt: Any, *pairs: tuple[Any, Any]) -> Any:
+    """Add ``column = value`` for every filter the caller gave."""
+    for column, value in pairs:
+        if value is not None:
+            stmt = stmt.where(column == value)
+    return stmt
+
+
 @router.get("/queue-items", response_model=Page[QueueItemOut], summary="The execution queue, filtered")
 def list_queue_items(
     principal: Reader,
@@ -45,16 +53,14 @@ def list_queue_items(
     scheduled_before: datetime | None = None,
     scheduled_after: datetime | None = None,
 ) -> Any:
-    stmt = scoped(QueueItem, principal.organization_id)
-    for col, val in (
+    stmt = _equal(
+        scoped(QueueItem, principal.organization_id),
         (QueueItem.status, status),
         (QueueItem.campaign_id, campaign_id),
         (QueueItem.strategy_id, strategy_id),
         (QueueItem.account_id, account_id),
         (QueueItem.action, action),
-    ):
-        if val is not None:
-            stmt = stmt.where(col == val)
+    )
     if scheduled_before is not None:
         stmt = stmt.where(QueueItem.scheduled_at < scheduled_before)
     if scheduled_after is not None:
@@ -77,10 +83,12 @@ def list_interactions(
     channel: ActionType | None = None,
     since: datetime | None = Query(None, description="occurred at or after"),
 ) -> Any:
-    stmt = scoped(Interaction, principal.organization_id)
-    for col, val in ((Interaction.account_id, account_id), (Interaction.campaign_id, campaign_id), (Interaction.channel, channel)):
-        if val is not None:
-            stmt = stmt.where(col == val)
+    stmt = _equal(
+        scoped(Interaction, principal.organization_id),
+        (Interaction.account_id, account_id),
+        (Interaction.campaign_id, campaign_id),
+        (Interaction.channel, channel),
+    )
     if since is not None:
         stmt = stmt.where(Interaction.occurred_at >= since)
     return paginate(session, stmt, Interaction.id, page, InteractionOut.model_validate)
@@ -101,10 +109,13 @@ def list_tasks(
     account_id: int | None = None,
     assigned_user_id: int | None = None,
 ) -> Any:
-    stmt = scoped(Task, principal.organization_id)
-    for col, val in ((Task.status, status), (Task.kind, kind), (Task.account_id, account_id), (Task.assigned_user_id, assigned_user_id)):
-        if val is not None:
-            stmt = stmt.where(col == val)
+    stmt = _equal(
+        scoped(Task, principal.organization_id),
+        (Task.status, status),
+        (Task.kind, kind),
+        (Task.account_id, account_id),
+        (Task.assigned_user_id, assigned_user_id),
+    )
     return paginate(session, stmt, Task.id, page, TaskOut.model_validate)
 
 
@@ -121,11 +132,11 @@ def list_execution_log(
     account_id: int | None = None,
     event: str | None = None,
 ) -> Any:
-    stmt = scoped(ExecutionLogEntry, principal.organization_id)
-    if account_id is not None:
-        stmt = stmt.where(ExecutionLogEntry.account_id == account_id)
-    if event is not None:
-        stmt = stmt.where(ExecutionLogEntry.event == event)
+    stmt = _equal(
+        scoped(ExecutionLogEntry, principal.organization_id),
+        (ExecutionLogEntry.account_id, account_id),
+        (ExecutionLogEntry.event, event),
+    )
     return paginate(session, stmt, ExecutionLogEntry.id, page, ExecutionLogOut.model_validate, descending=True)
 
 
