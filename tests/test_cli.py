@@ -67,3 +67,18 @@ def test_demo_loads_once(cli, db):
         assert all(a.balance > 0 for a in accounts if a.collection_tab is not None)
         assert {a.status for a in accounts if a.campaign_id is None} <= {"pending_contact", "unassigned", "resolved"}
         assert any(a.status == "pending_contact" for a in accounts)
+
+
+def test_tick_at_runs_a_cycle_and_refuses_bad_time(cli, db):
+    assert cli.invoke(app, ["demo", "--no-serve"]).exit_code == 0
+    bad = cli.invoke(app, ["tick", "--at", "yesterday"])
+    assert bad.exit_code == 2 and "yesterday" in bad.output
+    # A weekday morning in 2030: every demo strategy's run is due; messages land in the sandbox outbox.
+    r = cli.invoke(app, ["tick", "--at", "2030-01-07T09:30:00Z"])
+    assert r.exit_code == 0, r.output
+    from duecourse.channels.models import SandboxMessage
+
+    with db.transaction() as s:
+        assert s.scalar(select(func.count()).select_from(SandboxMessage)) > 0
+    again = cli.invoke(app, ["tick", "--at", "2030-01-07T09:30:00Z"])
+    assert "'strategy_runs': 0" in again.output  # the same slot never runs twice

@@ -19,6 +19,7 @@ from duecourse.db import Database
 from duecourse.engine.api import router as engine_router
 from duecourse.errors import Conflict, DomainError, FieldError, ValidationFailed
 from duecourse.ledger.api import router as ledger_router
+from duecourse.ledger.imports_api import router as imports_router
 from duecourse.messaging.api import router as messaging_router
 from duecourse.strategies.api import router as strategies_router
 from duecourse.tenancy.api import router as tenancy_router
@@ -91,6 +92,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None, 
             return JSONResponse({"status": "unavailable", "detail": "database not migrated"}, status_code=503)
         return JSONResponse({"status": "ready", "database": app.state.db.dialect, "revision": revision})
 
-    for router in (tenancy_router, ledger_router, strategies_router, campaigns_router, messaging_router, engine_router):
+    routers = (tenancy_router, ledger_router, imports_router, strategies_router, campaigns_router, messaging_router, engine_router)
+    for router in routers:
         app.include_router(router, prefix=API_PREFIX)
     return app

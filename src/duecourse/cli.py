@@ -73,8 +73,11 @@ def serve(
     host: str = typer.Option(None, help="Bind address (default DUECOURSE_HOST or 127.0.0.1)"),
     port: int = typer.Option(None, help="Port (default DUECOURSE_PORT or 8000)"),
     migrate_first: bool = typer.Option(True, "--migrate/--no-migrate", help="Apply migrations before starting"),
+    engine: bool = typer.Option(
+        True, "--engine/--no-engine", help="Also run the scheduler and a worker in this process (the embedded setup)"
+    ),
 ) -> None:
-    """Serve the web app and the REST API."""
+    """Serve the web app and the REST API (and, unless --no-engine, the engine in the background)."""
     import uvicorn
 
     from duecourse.app import create_app
@@ -84,8 +87,13 @@ def serve(
         upgrade(settings.database_url)
     host = host or settings.host
     port = port or settings.port
+    web = create_app(settings)
+    if engine:
+        from duecourse.engine.runner import start_background
+
+        start_background(web.state.db, web.state.clock)
     console.print(f"duecourse is running at [bold]http://{host}:{port}/[/bold]  (API docs: http://{host}:{port}/api/docs)")
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+    uvicorn.run(web, host=host, port=port, log_level="info")
 
 
 @app.command()
@@ -118,7 +126,88 @@ def demo(
         db.dispose()
     console.print(f"log in as [bold]{DEMO_EMAIL}[/bold] with password [bold]{DEMO_PASSWORD}[/bold]")
     if not no_serve:
-        serve(host=host, port=port, migrate_first=False)
+        serve(host=host, port=port, migrate_first=False, engine=True)
+
+
+@app.command("import")
+def import_(
+    kind: str = typer.Argument(..., help="accounts, invoices or payments"),
+    file: str = typer.Argument(..., help="A CSV, JSON (array) or JSON Lines file"),
+    organization: int = typer.Option(..., "--organization", "-o", help="Organization id"),
+    fmt: str = typer.Option(None, "--format", help="csv, json or jsonl (default: from the file name or content)"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar"),
+) -> None:
+    """Import accounts, invoices or payments (upsert by external_id; all or nothing; exit 2 on bad rows)."""
+    from pathlib import Path
+
+    from duecourse.ledger.import_rows import FileFormat, ImportKind
+    from duecourse.ledger.imports_cli import import_file
+
+    try:
+        kind_ = ImportKind(kind)
+        fmt_ = FileFormat(fmt) if fmt else None
+    except ValueError:
+        _fail(f"unknown kind or format: {kind!r} / {fmt!r} (kinds: accounts, invoices, payments; formats: csv, json, jsonl)")
+    path = Path(file)
+    if not path.is_file():
+        _fail(f"no such file: {file}")
+    settings = get_settings()
+    upgrade(settings.database_url)
+    code = import_file(
+        database_url=settings.database_url,
+        organization_id=organization,
+        kind=kind_,
+        path=path,
+        fmt=fmt_,
+        console=console,
+        err=err,
+        show_progress=progress,
+    )
+    raise typer.Exit(code)
+
+
+@app.command()
+def tick(
+    at: str = typer.Option(None, "--at", help="ISO time (e.g. 2026-03-02T09:00:00Z); default: now"),
+) -> None:
+    """Run one full engine cycle at a given time: scheduled runs, auto-enqueue, every due dispatch."""
+    from datetime import UTC, datetime
+
+    from duecourse.engine.cycle import tick as run_tick
+
+    try:
+        when = datetime.fromisoformat(at.replace("Z", "+00:00")) if at else SystemClock().now()
+    except ValueError:
+        _fail(f"--at: not an ISO time: {at!r}")
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    settings = get_settings()
+    db = Database(settings.database_url)
+    try:
+        totals = run_tick(db, now=when)
+    finally:
+        db.dispose()
+    console.print(f"tick at {when.isoformat()}: {totals}")
+
+
+@app.command()
+def worker(poll: float = typer.Option(2.0, help="Seconds between passes")) -> None:
+    """Run a queue worker: claim and dispatch due items, forever (any number of them may run)."""
+    from duecourse.engine.runner import run_loop
+
+    settings = get_settings()
+    console.print("worker started")
+    run_loop(Database(settings.database_url), SystemClock(), scheduler=False, worker=True, poll_seconds=poll)
+
+
+@app.command()
+def scheduler(poll: float = typer.Option(30.0, help="Seconds between passes")) -> None:
+    """Run the scheduler: each organization's cycle every N minutes (any number of them may run)."""
+    from duecourse.engine.runner import run_loop
+
+    settings = get_settings()
+    console.print("scheduler started")
+    run_loop(Database(settings.database_url), SystemClock(), scheduler=True, worker=False, poll_seconds=poll)
 
 
 def main() -> None:  # pragma: no cover

@@ -1,0 +1,597 @@
+"""Imports of accounts, invoices and payments (SPEC §2 imports, §10 bad input).
+
+Every test runs on SQLite and PostgreSQL (the ``db`` fixture). Files are small and built inline.
+Row numbers in reports: ``row`` is the 1-based data record (header not counted), ``line`` the file
+line (the CSV header is line 1).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from datetime import timedelta
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from sqlalchemy import select, text
+from typer.testing import CliRunner
+
+from duecourse.ledger.derived import refresh_accounts
+from duecourse.ledger.import_rows import parse_email, parse_phone
+from duecourse.ledger.imports import ImportRejected, run_import
+from duecourse.ledger.models import Account
+from duecourse.tenancy.service import get_settings
+
+ACCOUNTS_HEADER = (
+    "external_id,name,email,phone,whatsapp,timezone,language,currency,score,tags,"
+    "opt_out_email,opt_out_sms,opt_out_whatsapp,opt_out_voice,blocked,blocked_reason,paused"
+)
+ACCOUNTS = (
+    ACCOUNTS_HEADER + "\n"
+    "A1,Ana García,ana@Example.COM,+34600123456,+34600123456,Europe/Madrid,es,EUR,70,vip|retail,"
+    "false,false,false,false,false,,false\n"
+    "A2,Bob Smith,bob@example.com,+1 202-555-0143,,America/New_York,en,USD,,b2b;legacy,"
+    "true,no,0,false,false,,yes\n"
+    "A3,Carla Rossi,,,,,,,,,,,,,true,legal hold,\n"
+)
+INVOICES = (
+    "external_id,account_external_id,number,currency,total,amount_paid,issue_date,due_date,status,disputed\n"
+    "I1,A1,N-1,EUR,100.50,0,2026-01-01,2026-02-01,open,false\n"
+    "I2,A1,N-2,,40,10.25,2026-01-10,2026-03-10,,\n"
+    "I3,A2,N-3,USD,300,0,2025-12-01,2026-01-01,open,true\n"
+    "I4,A3,N-4,EUR,20,20,2025-11-01,2025-12-01,,false\n"
+)
+PAYMENTS = (
+    "external_id,account_external_id,invoice_external_id,amount,currency,paid_on,reference\n"
+    "P1,A1,,50,EUR,2026-02-20,bank 1\n"
+    "P2,A1,I2,5.25,,2026-02-21,\n"
+)
+
+
+def post(org: Any, kind: str, content: str | bytes, filename: str = "file.csv", role: str = "admin", **params: Any):
+    data = content.encode() if isinstance(content, str) else content
+    return org.post(f"/api/v1/imports/{kind}", role=role, files={"file": (filename, data)}, params=params)
+
+
+def ok(org: Any, kind: str, content: str | bytes, filename: str = "file.csv", **params: Any) -> dict[str, Any]:
+    r = post(org, kind, content, filename, **params)
+    assert r.status_code == 200, r.text
+    report = r.json()
+    assert report["applied"] is True and report["error_count"] == 0
+    return report
+
+
+def rejected(org: Any, kind: str, content: str | bytes, filename: str = "file.csv") -> dict[str, Any]:
+    r = post(org, kind, content, filename)
+    assert r.status_code == 422, r.text
+    body = r.json()
+    assert body["error"]["code"] == "import_rejected"
+    assert body["report"]["applied"] is False
+    return body["report"]
+
+
+def snapshot(db: Any) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of the ledger tables (ids, values, timestamps), to prove 'nothing changed'."""
+    out = {}
+    with db.engine.connect() as conn:
+        for table, order in (
+            ("accounts", "id"),
+            ("account_tags", "account_id, tag"),
+            ("invoices", "id"),
+            ("payments", "id"),
+            ("payment_allocations", "payment_id, invoice_id"),
+            ("execution_log", "id"),
+        ):
+            out[table] = [tuple(r) for r in conn.execute(text(f"SELECT * FROM {table} ORDER BY {order}"))]
+    return out
+
+
+def accounts_by_ext(db: Any) -> dict[str, Any]:
+    with db.transaction() as s:
+        rows = s.scalars(select(Account)).all()
+        return {a.external_id: a for a in rows}
+
+
+def tags_of(db: Any, external_id: str) -> list[str]:
+    with db.engine.connect() as conn:
+        return [
+            r[0]
+            for r in conn.execute(
+                text(
+                    "SELECT t.tag FROM account_tags t JOIN accounts a ON a.id = t.account_id "
+                    "WHERE a.external_id = :e ORDER BY t.tag"
+                ),
+                {"e": external_id},
+            )
+        ]
+
+
+def invoice_row(db: Any, external_id: str) -> dict[str, Any]:
+    with db.engine.connect() as conn:
+        return dict(conn.execute(text("SELECT * FROM invoices WHERE external_id = :e"), {"e": external_id}).mappings().one())
+
+
+def loaded(org: Any) -> None:
+    ok(org, "accounts", ACCOUNTS)
+    ok(org, "invoices", INVOICES)
+
+
+# ---------------------------------------------------------------------------------------------
+# Good files
+
+
+def test_accounts_csv_inserts_with_normalized_values(org, db):
+    report = ok(org, "accounts", ACCOUNTS)
+    assert report | {"errors": []} == {
+        "kind": "accounts", "format": "csv", "rows": 3, "inserted": 3, "updated": 0, "unchanged": 0,
+        "applied": True, "error_count": 0, "errors_truncated": False, "errors": [],
+    }  # fmt: skip
+    accs = accounts_by_ext(db)
+    a1, a2, a3 = accs["A1"], accs["A2"], accs["A3"]
+    assert a1.name == "Ana García" and a1.email == "ana@example.com"  # domain lower-cased, like the API
+    assert a1.phone == "+34600123456" and a1.whatsapp == "+34600123456"
+    assert a1.timezone == "Europe/Madrid" and a1.language == "es" and a1.currency == "EUR" and a1.score == 70
+    assert a2.phone == "+12025550143"  # formatted input normalized to E.164
+    assert (a2.opt_out_email, a2.opt_out_sms, a2.opt_out_whatsapp, a2.paused) == (True, False, False, True)
+    assert a3.currency == "EUR"  # the organization's base currency when none is given
+    assert a3.blocked and a3.blocked_reason == "legal hold" and a3.timezone is None and a3.score is None
+    assert tags_of(db, "A1") == ["retail", "vip"] and tags_of(db, "A2") == ["b2b", "legacy"]
+    # nothing owed yet: resolved, in no tab
+    assert {a.status for a in accs.values()} == {"resolved"}
+    assert {a.collection_tab for a in accs.values()} == {None}
+    assert all(a.balance == 0 and a.carrying_invoice_id is None for a in accs.values())
+
+
+def test_new_accounts_are_stored_as_refresh_accounts_would_leave_them(org, db, clock):
+    """The import writes new accounts' derived values directly; refresh_accounts must agree."""
+    ok(org, "accounts", ACCOUNTS)
+    before = snapshot(db)
+    with db.transaction() as s:
+        refresh_accounts(
+            s, organization_id=org.id, exclusions=get_settings(s, org.id).exclusions, now=clock.now() + timedelta(days=1)
+        )
+    assert snapshot(db) == before
+
+
+def test_reimport_changes_nothing(org, db, clock):
+    loaded(org)
+    ok(org, "payments", PAYMENTS)
+    before = snapshot(db)
+    clock.advance(days=1)
+    for kind, content in (("accounts", ACCOUNTS), ("invoices", INVOICES), ("payments", PAYMENTS)):
+        report = ok(org, kind, content)
+        n = content.count("\n") - 1
+        assert (report["rows"], report["inserted"], report["updated"], report["unchanged"]) == (n, 0, 0, n), kind
+    assert snapshot(db) == before  # not even updated_at moved
+
+
+def test_changed_row_updates_only_that_row(org, db, clock):
+    ok(org, "accounts", ACCOUNTS)
+    before = accounts_by_ext(db)
+    clock.advance(hours=2)
+    changed = ACCOUNTS.replace("bob@example.com", "robert@example.com")
+    report = ok(org, "accounts", changed)
+    assert (report["inserted"], report["updated"], report["unchanged"]) == (0, 1, 2)
+    after = accounts_by_ext(db)
+    assert after["A2"].email == "robert@example.com"
+    assert after["A2"].updated_at == clock.now() and after["A2"].updated_at != before["A2"].updated_at
+    assert after["A1"].updated_at == before["A1"].updated_at and after["A3"].updated_at == before["A3"].updated_at
+    assert after["A2"].id == before["A2"].id
+
+
+def test_tags_are_replaced_and_count_as_a_change(org, db):
+    ok(org, "accounts", ACCOUNTS)
+    report = ok(org, "accounts", ACCOUNTS.replace("vip|retail", "retail|payment-plan"))
+    assert report["updated"] == 1
+    assert tags_of(db, "A1") == ["payment-plan", "retail"]
+
+
+def test_columns_absent_from_the_file_keep_their_values(org, db):
+    ok(org, "accounts", ACCOUNTS)
+    report = ok(org, "accounts", "external_id,name,score\nA1,Ana García,95\nA4,New Debtor,\n")
+    assert (report["inserted"], report["updated"], report["unchanged"]) == (1, 1, 0)
+    accs = accounts_by_ext(db)
+    assert accs["A1"].score == 95 and accs["A1"].email == "ana@example.com" and tags_of(db, "A1") == ["retail", "vip"]
+    assert accs["A4"].name == "New Debtor" and accs["A4"].opt_out_email is False and accs["A4"].currency == "EUR"
+
+
+def test_empty_cell_clears_an_optional_value(org, db):
+    ok(org, "accounts", ACCOUNTS)
+    ok(org, "accounts", "external_id,name,email,tags\nA1,Ana García,,\n")
+    a1 = accounts_by_ext(db)["A1"]
+    assert a1.email is None and tags_of(db, "A1") == []
+
+
+def test_invoices_import_sets_balances_and_carrying_invoice(org, db):
+    loaded(org)
+    accs = accounts_by_ext(db)
+    a1 = accs["A1"]
+    assert a1.balance == Decimal("130.25")  # 100.50 + (40 - 10.25)
+    i1 = invoice_row(db, "I1")
+    assert a1.carrying_invoice_id == i1["id"] and a1.status == "unassigned" and a1.collection_tab == "outstanding"
+    i2 = invoice_row(db, "I2")
+    assert i2["currency"] == "EUR" and i2["status"] == "open" and i2["number"] == "N-2"
+    # A2's only invoice is disputed: nothing collectable; A3's is fully paid: status paid, resolved
+    assert accs["A2"].balance == 0 and accs["A2"].gross_open > 0
+    assert invoice_row(db, "I4")["status"] == "paid" and accs["A3"].status == "resolved"
+    assert accs["A3"].collection_tab is None
+
+
+def test_invoice_changes_update_and_refresh(org, db):
+    loaded(org)
+    report = ok(org, "invoices", INVOICES.replace("I1,A1,N-1,EUR,100.50,0", "I1,A1,N-1,EUR,100.50,100.50"))
+    assert (report["updated"], report["unchanged"]) == (1, 3)
+    assert invoice_row(db, "I1")["status"] == "paid"  # open and fully paid: paid, as allocation does
+    assert accounts_by_ext(db)["A1"].balance == Decimal("29.75")
+    # moving an invoice to another account refreshes both
+    ok(org, "invoices", INVOICES.replace("I2,A1,", "I2,A3,"))
+    accs = accounts_by_ext(db)
+    assert accs["A3"].balance == Decimal("29.75") and accs["A1"].balance == Decimal("100.50")
+
+
+def test_payments_import_allocates_and_reimports_stay_unchanged(org, db, clock):
+    loaded(org)
+    report = ok(org, "payments", PAYMENTS)
+    assert report["inserted"] == 2
+    # P2 names I2 (5.25 of its 29.75); P1 settles the oldest-due open invoice (I1, 100.50) with 50.
+    i1, i2 = invoice_row(db, "I1"), invoice_row(db, "I2")
+    assert i1["amount_paid"] == 50 * 10_000 and i2["amount_paid"] == (1025 + 525) * 100
+    assert accounts_by_ext(db)["A1"].balance == Decimal("75.00")
+    before = snapshot(db)
+    clock.advance(days=1)
+    # the invoices file's amount_paid excludes payments recorded in duecourse: re-import is a no-op
+    assert ok(org, "invoices", INVOICES)["unchanged"] == 4
+    assert ok(org, "payments", PAYMENTS)["unchanged"] == 2
+    assert snapshot(db) == before
+    # a reference may change; the money of a recorded payment may not
+    assert ok(org, "payments", PAYMENTS.replace("bank 1", "bank one"))["updated"] == 1
+    bad = rejected(org, "payments", PAYMENTS.replace("P1,A1,,50,", "P1,A1,,60,"))
+    assert bad["errors"][0]["row"] == 1 and bad["errors"][0]["column"] == "amount"
+
+
+def test_credit_from_earlier_payments_settles_invoices_imported_later(org, db):
+    ok(org, "accounts", ACCOUNTS)
+    ok(org, "invoices", "external_id,account_external_id,total,issue_date,due_date\nX1,A1,10,2026-01-01,2026-01-31\n")
+    ok(org, "payments", "external_id,account_external_id,amount,paid_on\nPX,A1,25,2026-02-01\n")
+    assert accounts_by_ext(db)["A1"].balance == 0
+    ok(org, "invoices", "external_id,account_external_id,total,issue_date,due_date\nX2,A1,30,2026-02-01,2026-03-01\n")
+    assert invoice_row(db, "X2")["amount_paid"] == 15 * 10_000
+    assert accounts_by_ext(db)["A1"].balance == Decimal("15.00")
+
+
+def test_json_array_and_json_lines(org, db):
+    rows = [
+        {"external_id": "J1", "name": "Jay", "email": "jay@example.com", "score": 40, "tags": ["vip", "b2c"],
+         "blocked": False, "currency": "EUR"},
+        {"external_id": "J2", "name": "Kay", "opt_out_sms": True, "phone": None},
+    ]  # fmt: skip
+    report = ok(org, "accounts", json.dumps(rows), filename="accounts.json")
+    assert report["format"] == "json" and report["inserted"] == 2
+    lines = "\n".join(json.dumps(r) for r in rows) + "\n"
+    report = ok(org, "accounts", lines, filename="accounts.jsonl")
+    assert report["format"] == "jsonl" and report["unchanged"] == 2
+    accs = accounts_by_ext(db)
+    assert accs["J1"].score == 40 and tags_of(db, "J1") == ["b2c", "vip"] and accs["J2"].opt_out_sms is True
+    inv = [{"external_id": "JI1", "account_external_id": "J1", "total": 12.5, "issue_date": "2026-01-01",
+            "due_date": "2026-01-15", "disputed": False}]  # fmt: skip
+    assert ok(org, "invoices", json.dumps(inv), filename="x.json")["inserted"] == 1
+    assert accounts_by_ext(db)["J1"].balance == Decimal("12.50")
+
+
+def test_format_detected_from_content_and_forced_by_parameter(org):
+    rows = [{"external_id": "J1", "name": "Jay"}]
+    assert ok(org, "accounts", json.dumps(rows), filename="upload")["format"] == "json"
+    assert ok(org, "accounts", json.dumps(rows[0]) + "\n", filename="upload")["format"] == "jsonl"
+    assert ok(org, "accounts", "external_id,name\nJ1,Jay\n", filename="data.txt", format="csv")["format"] == "csv"
+
+
+def test_bom_semicolons_and_crlf(org, db):
+    content = "\ufeffexternal_id;name;tags\r\nS1;Semi Colon;a|b\r\n\r\nS2;Other;\r\n".encode()
+    report = ok(org, "accounts", content)
+    assert report["rows"] == 2 and report["inserted"] == 2
+    assert tags_of(db, "S1") == ["a", "b"]
+
+
+def test_header_only_file_imports_nothing(org):
+    report = ok(org, "payments", "external_id,account_external_id,amount,paid_on\n")
+    assert report["rows"] == 0 and report["inserted"] == 0
+
+
+def test_organizations_are_isolated(org, other_org, db):
+    ok(org, "accounts", ACCOUNTS)
+    assert ok(other_org, "accounts", ACCOUNTS)["inserted"] == 3  # same external ids, another organization
+    ok(other_org, "invoices", INVOICES)
+    with db.engine.connect() as conn:
+        n = conn.execute(text("SELECT COUNT(*) FROM invoices WHERE organization_id = :o"), {"o": org.id}).scalar()
+    assert n == 0
+    # an invoice cannot refer to another organization's account
+    ok(org, "accounts", "external_id,name\nONLY-MINE,x\n")
+    bad = rejected(other_org, "invoices", "external_id,account_external_id,total,issue_date,due_date\nZ,ONLY-MINE,1,2026-01-01,2026-01-02\n")
+    assert bad["errors"][0]["column"] == "account_external_id"
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: the right row, column and reason, and nothing changes
+
+INV_HEAD = "external_id,account_external_id,number,currency,total,amount_paid,issue_date,due_date,status,disputed\n"
+PAY_HEAD = "external_id,account_external_id,invoice_external_id,amount,currency,paid_on,reference\n"
+
+BAD_FILES = [
+    # (id, kind, content, [(row, line, column, words in the message)])
+    ("wrong type", "accounts", "external_id,name,score\nB1,x,high\n", [(1, 2, "score", "whole number")]),
+    ("score range", "accounts", "external_id,name,score\nB1,x,101\n", [(1, 2, "score", "0 to 100")]),
+    ("bad boolean", "accounts", "external_id,name,blocked\nB1,x,maybe\n", [(1, 2, "blocked", "yes/no")]),
+    ("unknown column", "accounts", "external_id,name,nickname\nB1,x,y\n", [(None, 1, "nickname", "unknown column")]),
+    ("missing required header", "accounts", "external_id,email\nB1,a@example.com\n", [(None, 1, "name", "missing from the header")]),
+    ("duplicate header", "accounts", "external_id,name,name\nB1,x,y\n", [(None, 1, "name", "twice")]),
+    ("required value empty", "accounts", "external_id,name\nB1,\n", [(1, 2, "name", "is required")]),
+    ("too many fields", "accounts", "external_id,name\nB1,x\nB2,y,z\n", [(2, 3, None, "too many fields")]),
+    ("too few fields", "accounts", "external_id,name,email\nB1,x\n", [(1, 2, None, "too few fields")]),
+    ("empty file", "accounts", "", [(None, None, None, "empty")]),
+    ("blank file", "accounts", "\n\n", [(None, None, None, "empty")]),
+    ("invalid phone", "accounts", "external_id,name,phone\nB1,x,+3412\n", [(1, 2, "phone", "invalid phone")]),
+    ("invalid whatsapp", "accounts", "external_id,name,whatsapp\nB1,x,600123456\n", [(1, 2, "whatsapp", "invalid phone")]),
+    ("invalid email", "accounts", "external_id,name,email\nB1,x,not-an-email\n", [(1, 2, "email", "invalid email")]),
+    ("invalid time zone", "accounts", "external_id,name,timezone\nB1,x,Mars/Olympus\n", [(1, 2, "timezone", "time zone")]),
+    ("unknown currency", "accounts", "external_id,name,currency\nB1,x,XYZ\n", [(1, 2, "currency", "unknown currency")]),
+    ("bad language", "accounts", "external_id,name,language\nB1,x,english!\n", [(1, 2, "language", "language tag")]),
+    ("too long", "accounts", "external_id,name\nB1," + "x" * 201 + "\n", [(1, 2, "name", "longer than 200")]),
+    ("duplicate external_id", "accounts", "external_id,name\nB1,x\nB2,y\nB1,z\n", [(3, 4, "external_id", "first on row 1")]),
+    ("negative amount", "invoices", INV_HEAD + "I9,A1,N,EUR,-5,0,2026-01-01,2026-02-01,open,false\n", [(1, 2, "total", "negative")]),
+    ("not a number", "invoices", INV_HEAD + "I9,A1,N,EUR,1.234,56,0,2026-01-01,2026-02-01,open,false\n", [(1, 2, None, "too many fields")]),
+    ("thousands separator", "invoices", INV_HEAD.replace(",", ";") + "I9;A1;N;EUR;1,234.56;0;2026-01-01;2026-02-01;open;false\n", [(1, 2, "total", "not a number")]),
+    ("bad date", "invoices", INV_HEAD + "I9,A1,N,EUR,5,0,01/02/2026,2026-02-01,open,false\n", [(1, 2, "issue_date", "YYYY-MM-DD")]),
+    ("impossible date", "invoices", INV_HEAD + "I9,A1,N,EUR,5,0,2026-02-30,2026-03-01,open,false\n", [(1, 2, "issue_date", "not a valid date")]),
+    ("due before issue", "invoices", INV_HEAD + "I9,A1,N,EUR,5,0,2026-02-01,2026-01-01,open,false\n", [(1, 2, "due_date", "before issue_date")]),
+    ("paid over total", "invoices", INV_HEAD + "I9,A1,N,EUR,5,6,2026-01-01,2026-02-01,open,false\n", [(1, 2, "amount_paid", "greater than total")]),
+    ("bad status", "invoices", INV_HEAD + "I9,A1,N,EUR,5,0,2026-01-01,2026-02-01,overdue,false\n", [(1, 2, "status", "open, paid, void")]),
+    ("unknown account", "invoices", INV_HEAD + "I9,NOPE,N,EUR,5,0,2026-01-01,2026-02-01,open,false\n", [(1, 2, "account_external_id", "no account")]),
+    ("currency differs from account", "invoices", INV_HEAD + "I9,A1,N,USD,5,0,2026-01-01,2026-02-01,open,false\n", [(1, 2, "currency", "account's currency (EUR)")]),
+    ("too many decimals for EUR", "invoices", INV_HEAD + "I9,A1,N,EUR,5.005,0,2026-01-01,2026-02-01,open,false\n", [(1, 2, "total", "more than 2 decimal places for EUR")]),
+    ("too many decimals at all", "invoices", INV_HEAD + "I9,A1,N,EUR,5.00001,0,2026-01-01,2026-02-01,open,false\n", [(1, 2, "total", "more than 4 decimal places")]),
+    ("duplicate invoice", "invoices", INV_HEAD + "I9,A1,N,EUR,5,0,2026-01-01,2026-02-01,open,false\nI9,A1,N,EUR,6,0,2026-01-01,2026-02-01,open,false\n", [(2, 3, "external_id", "duplicate")]),
+    ("payment zero", "payments", PAY_HEAD + "P9,A1,,0,EUR,2026-02-01,\n", [(1, 2, "amount", "greater than zero")]),
+    ("payment unknown invoice", "payments", PAY_HEAD + "P9,A1,NOPE,5,EUR,2026-02-01,\n", [(1, 2, "invoice_external_id", "no invoice")]),
+    ("payment invoice of another account", "payments", PAY_HEAD + "P9,A2,I1,5,USD,2026-02-01,\n", [(1, 2, "invoice_external_id", "another account")]),
+    ("payment currency", "payments", PAY_HEAD + "P9,A2,,5,EUR,2026-02-01,\n", [(1, 2, "currency", "account's currency (USD)")]),
+    ("payment decimals", "payments", PAY_HEAD + "P9,A1,,5.001,,2026-02-01,\n", [(1, 2, "amount", "more than 2 decimal places for EUR")]),
+    ("missing required column in payments", "payments", "external_id,account_external_id,amount\nP9,A1,5\n", [(None, 1, "paid_on", "missing")]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["accounts", "invoices", "payments"])
+def test_bad_input_is_reported_and_changes_nothing(org, db, kind):
+    """One test per kind looping over its cases (one organization set up per kind keeps the suite fast)."""
+    loaded(org)
+    ok(org, "payments", PAYMENTS)
+    before = snapshot(db)
+    for name, case_kind, content, expected in BAD_FILES:
+        if case_kind != kind:
+            continue
+        report = rejected(org, kind, content)
+        got = [(e["row"], e["line"], e["column"], e["message"]) for e in report["errors"]]
+        assert report["error_count"] == len(expected), (name, got)
+        for (row, line, column, words), (grow, gline, gcolumn, gmessage) in zip(expected, got, strict=True):
+            assert (grow, gline, gcolumn) == (row, line, column), (name, got)
+            assert words in gmessage, (name, got)
+        assert snapshot(db) == before, name
+
+
+def test_wrong_encoding_names_the_line(org, db):
+    content = "external_id,name\nB1,Ana\nB2,Jos\xe9\n".encode("latin-1")
+    report = rejected(org, "accounts", content)
+    (e,) = report["errors"]
+    assert e["line"] == 3 and "not UTF-8" in e["message"]
+    assert snapshot(db)["accounts"] == []
+
+
+def test_one_bad_row_among_good_ones_changes_nothing(org, db):
+    loaded(org)
+    before = snapshot(db)
+    lines = [ACCOUNTS_HEADER] + [f"N{i},Name {i},n{i}@example.com,,,,,,,,,,,,,," for i in range(1, 50)]
+    lines[30] = "N30,Name 30,n30@example.com,,,Nowhere/City,,,,,,,,,,,"
+    changed = ACCOUNTS.splitlines()[1].replace("Ana García", "Ana Changed")
+    report = rejected(org, "accounts", "\n".join(lines + [changed]) + "\n")
+    assert report["rows"] == 50 and report["error_count"] == 1
+    assert (report["errors"][0]["row"], report["errors"][0]["column"]) == (30, "timezone")
+    assert snapshot(db) == before
+
+
+def test_every_bad_row_is_reported_in_row_order(org):
+    ok(org, "accounts", ACCOUNTS)
+    content = INV_HEAD + (
+        "I1,A1,N,EUR,5,0,2026-01-01,2026-02-01,open,false\n"
+        "I2,NOPE,N,EUR,5,0,2026-01-01,2026-02-01,open,false\n"
+        "I3,A1,N,EUR,x,0,2026-01-01,2026-02-01,open,false\n"
+        "I1,A1,N,EUR,5,0,2026-01-01,2026-02-01,open,false\n"
+    )
+    report = rejected(org, "invoices", content)
+    assert [(e["row"], e["column"]) for e in report["errors"]] == [
+        (2, "account_external_id"),
+        (3, "total"),
+        (4, "external_id"),
+    ]
+
+
+def test_json_bad_input(org, db):
+    ok(org, "accounts", ACCOUNTS)
+    before = snapshot(db)
+    rows = [{"external_id": "J1", "name": "x"}, {"external_id": "J2", "name": "y", "nick": "z"},
+            {"external_id": "J3", "name": {"first": "a"}}, ["not", "an", "object"], {"name": "no id"}]  # fmt: skip
+    report = rejected(org, "accounts", json.dumps(rows), filename="a.json")
+    got = [(e["row"], e["column"]) for e in report["errors"]]
+    assert got == [(2, "nick"), (3, "name"), (4, None), (5, "external_id")]
+    assert "single value" in report["errors"][1]["message"]
+    report = rejected(org, "accounts", '{"external_id": "J1", "name": "x"}\n{"external_id": "J2",\n', filename="a.jsonl")
+    assert [(e["row"], e["line"]) for e in report["errors"]] == [(2, 2)] and "invalid JSON" in report["errors"][0]["message"]
+    report = rejected(org, "accounts", '[{"external_id": "J1", "name": "x"}, {"external_id": ', filename="a.json")
+    assert report["errors"][0]["row"] == 2 and "invalid JSON" in report["errors"][0]["message"]
+    assert rejected(org, "accounts", "", filename="a.json")["errors"][0]["message"].startswith("the file is empty")
+    assert snapshot(db) == before
+
+
+def test_error_report_is_capped(org, db):
+    lines = ["external_id,name,score"] + [f"E{i},x,bad" for i in range(1, 1501)]
+    report = rejected(org, "accounts", "\n".join(lines) + "\n")
+    assert report["error_count"] == 1500 and len(report["errors"]) == 1000 and report["errors_truncated"] is True
+    assert report["errors"][0]["row"] == 1 and report["errors"][-1]["row"] == 1000
+
+
+def test_currency_of_an_account_with_invoices_cannot_change(org, db):
+    loaded(org)
+    report = rejected(org, "accounts", "external_id,name,currency\nA1,Ana García,GBP\nA4,New,GBP\n")
+    assert [(e["row"], e["column"]) for e in report["errors"]] == [(1, "currency")]
+
+
+def test_jpy_has_no_decimals(org, db):
+    ok(org, "accounts", "external_id,name,currency\nJP1,Yamada,JPY\n")
+    ok(org, "invoices", "external_id,account_external_id,total,issue_date,due_date\nJ1,JP1,1500,2026-01-01,2026-02-01\n")
+    report = rejected(org, "invoices", "external_id,account_external_id,total,issue_date,due_date\nJ2,JP1,15.5,2026-01-01,2026-02-01\n")
+    assert "more than 0 decimal places for JPY" in report["errors"][0]["message"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The endpoint and the CLI
+
+
+def test_upload_requires_credentials_and_permission(org, client):
+    r = client.post("/api/v1/imports/accounts", files={"file": ("a.csv", ACCOUNTS.encode())})
+    assert r.status_code == 401
+    assert post(org, "accounts", ACCOUNTS, role="viewer").status_code == 403
+    assert post(org, "accounts", ACCOUNTS, role="agent").status_code == 403
+    assert post(org, "accounts", ACCOUNTS, role="manager").status_code == 200
+    assert post(org, "debtors", ACCOUNTS).status_code == 422  # unknown kind
+    r = org.post("/api/v1/imports/accounts")  # no file
+    assert r.status_code == 422 and r.json()["error"]["fields"][0]["field"] == "file"
+
+
+def test_rejected_upload_uses_the_error_format(org):
+    body = post(org, "accounts", "external_id,name,score\nB1,x,high\n").json()
+    assert body["error"]["fields"] == [{"field": "row 1.score", "message": "must be a whole number from 0 to 100 (value 'high')"}]
+    assert body["report"]["errors"] == [
+        {"row": 1, "line": 2, "column": "score", "message": "must be a whole number from 0 to 100", "value": "high"}
+    ]
+
+
+@pytest.fixture
+def cli_env(db, monkeypatch):
+    from duecourse.config import get_settings
+
+    monkeypatch.setenv("DUECOURSE_DATABASE_URL", db.url)
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+def test_cli_import(org, db, cli_env, tmp_path):
+    from duecourse.cli import app as cli
+
+    runner = CliRunner()
+    path = tmp_path / "accounts.csv"
+    path.write_text(ACCOUNTS)
+    r = runner.invoke(cli, ["import", "accounts", str(path), "--organization", str(org.id), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert "inserted" in r.output and "3" in r.output
+    r = runner.invoke(cli, ["import", "accounts", str(path), "--organization", str(org.id)])
+    assert r.exit_code == 0, r.output
+    assert "unchanged" in r.output
+
+    bad = tmp_path / "invoices.jsonl"
+    bad.write_text(json.dumps({"external_id": "I1", "account_external_id": "NOPE", "total": "5",
+                               "issue_date": "2026-01-01", "due_date": "2026-02-01"}) + "\n")  # fmt: skip
+    before = snapshot(db)
+    r = runner.invoke(cli, ["import", "invoices", str(bad), "--organization", str(org.id), "--no-progress"])
+    assert r.exit_code == 2
+    assert "1 error" in r.output and "row 1" in r.output and "account_external_id" in r.output
+    assert snapshot(db) == before
+    r = runner.invoke(cli, ["import", "loans", str(bad), "--organization", str(org.id)])
+    assert r.exit_code == 2 and "unknown kind" in r.output
+
+
+def test_service_call_never_commits(org, db, clock):
+    with db.transaction() as s:
+        report = run_import(s, organization_id=org.id, kind="accounts", stream=io.BytesIO(ACCOUNTS.encode()), now=clock.now())
+        assert report.inserted == 3
+        s.rollback()
+    assert snapshot(db)["accounts"] == []
+    with pytest.raises(ImportRejected), db.transaction() as s:
+        run_import(s, organization_id=org.id, kind="accounts", stream=io.BytesIO(b"external_id\nX\n"), now=clock.now())
+
+
+# ---------------------------------------------------------------------------------------------
+# The fast paths agree with the libraries
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["+34600123456", "+12025550143", "+447911123456", "+390612345678", "+5511987654321", "+81312345678",
+     "+34 600 12 34 56", "0034600123456", "+3460012345", "+1202555014", "+999123456789", "+12345", "+390012345678"],
+)  # fmt: skip
+def test_phone_fast_path_agrees_with_phonenumbers(value):
+    from duecourse.validation import phone_e164
+
+    try:
+        expected: str | None = phone_e164(value)
+    except ValueError:
+        expected = None
+    try:
+        got: str | None = parse_phone(value)
+    except ValueError:
+        got = None
+    assert got == expected
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["a@example.com", "A.B+c@Sub.Example.COM", "x@foo.test", "x@localhost", "a..b@example.com", ".a@example.com",
+     "a@-example.com", "a@example.c", "a@example.123", "üser@exämple.com", "a" * 65 + "@example.com", "a@b.co"],
+)  # fmt: skip
+def test_email_fast_path_agrees_with_email_validator(value):
+    from email_validator import EmailNotValidError, validate_email
+
+    try:
+        expected: str | None = validate_email(value, check_deliverability=False).normalized
+    except EmailNotValidError:
+        expected = None
+    try:
+        got: str | None = parse_email(value)
+    except ValueError:
+        got = None
+    assert got == expected
+
+
+def test_phone_validity_shortcut_agrees_with_phonenumbers_everywhere():
+    """Every region's example numbers of every type, and random variations of them: the compiled
+    metadata shortcut gives exactly phonenumbers.is_valid_number's answer."""
+    import random
+
+    import phonenumbers
+
+    from duecourse.ledger.import_rows import _valid_e164
+
+    rng = random.Random(1)
+    checked = 0
+    for region in sorted(phonenumbers.SUPPORTED_REGIONS):
+        for numtype in range(12):
+            ex = phonenumbers.example_number_for_type(region, numtype)
+            if ex is None:
+                continue
+            nsn = phonenumbers.national_significant_number(ex)
+            variants = {nsn, nsn[:-1], nsn + "7"}
+            for _ in range(6):
+                k = rng.randint(1, min(6, len(nsn)))
+                variants.add(nsn[:-k] + "".join(rng.choice("0123456789") for _ in range(k)))
+            for v in variants:
+                if not v:
+                    continue
+                num = phonenumbers.PhoneNumber(country_code=ex.country_code, national_number=int(v))
+                zeros = len(v) - len(v.lstrip("0"))
+                if zeros:
+                    num.italian_leading_zero = True
+                    num.number_of_leading_zeros = zeros
+                got = _valid_e164(ex.country_code, v)
+                if got is not None:
+                    assert got == phonenumbers.is_valid_number(num), (region, v)
+                    checked += 1
+    assert checked > 5000
