@@ -221,3 +221,26 @@ def test_expired_lease_is_recovered_without_a_second_message(db, org, clock):
     with db.transaction() as s:
         item = s.get(QueueItem, item_id)
         assert (item.status, item.attempt, item.provider_ref) == ("completed", 2, f"sandbox-qi-{item_id}")
+
+
+def test_metrics_show_queue_depth_and_dispatch_outcomes(db, org, clock, client):
+    now = clock.now()
+    _setup(db, org, now, [("email", "t", 0), ("email", "p", 0)])
+    with db.transaction() as s:
+        debtor(s, org.id, now, "MET", due=date(2026, 3, 1))
+        refresh(s, org.id, now)
+    before = client.get("/metrics").text
+    tick(db, now=now)  # one sent, one deferred by the frequency limit
+    text = client.get("/metrics").text
+    assert 'duecourse_queue_items{status="completed"} 1.0' in text
+    assert 'duecourse_queue_items{status="pending"} 1.0' in text
+    assert 'duecourse_queue_items{status="skipped"} 1.0' in text
+
+    def count(body, outcome):
+        for line in body.splitlines():
+            if line.startswith(f'duecourse_dispatch_total{{outcome="{outcome}"}}'):
+                return float(line.split()[-1])
+        return 0.0
+
+    assert count(text, "dispatched") == count(before, "dispatched") + 1
+    assert count(text, "skipped:frequency_limit") == count(before, "skipped:frequency_limit") + 1

@@ -7,7 +7,7 @@ from typing import Any
 from alembic.runtime.migration import MigrationContext
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 
@@ -79,6 +79,14 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None, 
     @app.get("/health", tags=["operations"], summary="Liveness: the process answers")
     def health() -> dict[str, str]:
         return {"status": "ok", "version": __version__}
+
+    @app.get("/metrics", tags=["operations"], summary="Prometheus metrics: queue depth, dispatch outcomes and latency")
+    def metrics() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        from duecourse.engine.metrics import render
+
+        return Response(render(app.state.db), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/ready", tags=["operations"], summary="Readiness: the database answers and is migrated")
     def ready() -> JSONResponse:

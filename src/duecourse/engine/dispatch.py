@@ -22,6 +22,7 @@ from duecourse.channels.sandbox import SandboxProvider
 from duecourse.db.dialect import dialect_name
 from duecourse.engine.assign import campaigns_enqueueable
 from duecourse.engine.cases import advance, log_event, refresh_account_tab
+from duecourse.engine.metrics import DISPATCH_SECONDS, DISPATCHES
 from duecourse.engine.models import Direction, Interaction, InteractionStatus, QueueItem, QueueStatus, Task, TaskStatus
 from duecourse.engine.timing import earliest_within_limit, into_allowed_hours, is_allowed, local_date
 from duecourse.ledger.models import CONTACTABLE_STATUSES, Account, AccountStatus, CollectionTab
@@ -350,9 +351,10 @@ def run_due(db: Any, *, now: datetime, worker: str, batch: int = 100, providers:
         if not ids:
             return counts
         for item_id in ids:
-            with db.transaction() as session:
+            with DISPATCH_SECONDS.time(), db.transaction() as session:
                 outcome = process_item(session, item_id=item_id, now=now, worker=worker, providers=providers)
             key = outcome.split(":")[0]
             counts[key] = counts.get(key, 0) + 1
+            DISPATCHES.labels(outcome=outcome).inc()
 
 
