@@ -6,28 +6,37 @@ execution log is append-only. The API therefore reads them; it does not edit or 
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, time
 from typing import Any
-
-from datetime import time
 
 from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, select
 
 from duecourse.campaigns.models import Campaign
-from duecourse.engine.enqueue import enqueue
-from duecourse.engine.timing import at_local, local_date
-from duecourse.tenancy.models import Organization
-from duecourse.tenancy.service import get_settings, update_settings
-
 from duecourse.deps import AppClock, DbSession, Reader, requires
-from duecourse.tenancy.principal import Permission, Principal
+from duecourse.engine import outcomes
+from duecourse.engine.enqueue import enqueue
 from duecourse.engine.models import ExecutionLogEntry, Interaction, QueueItem, QueueStatus, Task, TaskStatus
-from duecourse.engine.schemas import ExecutionLogOut, InteractionOut, QueueItemOut, TaskOut
+from duecourse.engine.outcomes import CallReport
+from duecourse.engine.schemas import (
+    CallFields,
+    CallOutcomeIn,
+    DeliveryIn,
+    ExecutionLogOut,
+    InteractionOut,
+    QueueItemOut,
+    TaskOut,
+    TaskOutcomeIn,
+)
+from duecourse.engine.timing import at_local, local_date
+from duecourse.errors import ValidationFailed
 from duecourse.pagination import Page, PageParams, paginate
 from duecourse.strategies.models import ActionType
+from duecourse.tenancy.models import Organization
+from duecourse.tenancy.principal import Permission, Principal
 from duecourse.tenancy.scope import get_owned, scoped
+from duecourse.tenancy.service import get_settings, update_settings
 
 router = APIRouter(tags=["engine records"])
 
@@ -201,3 +210,42 @@ def enqueue_now(body: EnqueueIn, session: DbSession, clock: AppClock, principal:
         session, organization_id=principal.organization_id, now=clock.now(), campaign_id=body.campaign_id, cause="manual_enqueue"
     )
     return result.as_dict()
+
+
+Worker = requires(Permission.work_tasks)
+
+
+def _report(body: CallFields, failed: bool = False) -> CallReport:
+    return CallReport(
+        outcome=body.outcome, failed=failed, promise_amount=body.promise_amount, promise_date=body.promise_date,
+        callback_at=body.callback_at, sentiment=body.sentiment, willingness=body.willingness,
+        summary=body.summary, transcript=body.transcript,
+    )
+
+
+@router.post("/outcomes/delivery", summary="Report a delivery status (delivered, bounced, failed, undelivered)")
+def report_delivery(body: DeliveryIn, session: DbSession, clock: AppClock, principal: Principal = Operator) -> dict[str, Any]:
+    result = outcomes.record_delivery(
+        session, organization_id=principal.organization_id, now=clock.now(), status=body.status,
+        queue_item_id=body.queue_item_id, provider_ref=body.provider_ref, error=body.error,
+    )
+    return {"result": result}
+
+
+@router.post("/outcomes/call", summary="Report a voice call's outcome (SPEC §4.8)")
+def report_call(body: CallOutcomeIn, session: DbSession, clock: AppClock, principal: Principal = Operator) -> dict[str, Any]:
+    result = outcomes.record_call_outcome(
+        session, organization_id=principal.organization_id, now=clock.now(), report=_report(body, body.failed),
+        queue_item_id=body.queue_item_id, provider_ref=body.provider_ref,
+    )
+    return {"result": result}
+
+
+@router.post("/tasks/{task_id}/outcome", response_model=TaskOut, summary="Log an agent task's outcome; completes its stage")
+def report_task(task_id: int, body: TaskOutcomeIn, session: DbSession, clock: AppClock, principal: Principal = Worker) -> Any:
+    if body.outcome is None:
+        raise ValidationFailed.on("outcome", "is required")
+    return outcomes.record_task_outcome(
+        session, organization_id=principal.organization_id, task_id=task_id, now=clock.now(), report=_report(body),
+        note=body.note, user_id=principal.user_id,
+    )

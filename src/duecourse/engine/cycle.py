@@ -20,6 +20,7 @@ from duecourse.engine.assign import assign_by_trigger, campaigns_enqueueable
 from duecourse.engine.dispatch import ProviderFactory, run_due, sandbox_providers
 from duecourse.engine.enqueue import enqueue
 from duecourse.engine.models import SchedulerClaim
+from duecourse.engine.outcomes import expire_callbacks, expire_step_timeouts, settle_promises
 from duecourse.engine.timing import last_automation_slot, local_date, weekday_set
 from duecourse.strategies.models import Strategy
 from duecourse.tenancy.models import Organization
@@ -39,6 +40,11 @@ def claim_slot(session: Session, *, organization_id: int, job: str, slot: str, w
 def run_scheduled(session: Session, *, org: Organization, now: datetime, worker: str) -> dict[str, int]:
     """The strategies' scheduled runs whose latest slot has passed, and auto-enqueue (§4.5)."""
     counts = {"strategy_runs": 0, "assigned": 0, "enqueued": 0}
+    # Outcome bookkeeping (§4.10) runs even while paused: it sends nothing.
+    settled = settle_promises(session, organization_id=org.id, now=now)
+    counts["promises_kept"], counts["promises_broken"] = settled["kept"], settled["broken"]
+    counts["callbacks_expired"] = expire_callbacks(session, organization_id=org.id, now=now)
+    counts["step_timeouts"] = expire_step_timeouts(session, organization_id=org.id, now=now)
     settings = get_settings(session, org.id)
     if settings.automation.engine_paused:
         return counts
@@ -68,7 +74,7 @@ def run_scheduled(session: Session, *, org: Organization, now: datetime, worker:
 
 def tick(db: Database, *, now: datetime, worker: str = "tick", providers: ProviderFactory = sandbox_providers) -> dict[str, Any]:
     """One full cycle at ``now``: scheduler work for every organization, then every due dispatch."""
-    totals: dict[str, Any] = {"strategy_runs": 0, "assigned": 0, "enqueued": 0}
+    totals: dict[str, Any] = {}
     with db.transaction() as session:
         org_ids = session.scalars(select(Organization.id).order_by(Organization.id)).all()
     for org_id in org_ids:
@@ -76,6 +82,6 @@ def tick(db: Database, *, now: datetime, worker: str = "tick", providers: Provid
             org = session.get(Organization, org_id)
             assert org is not None
             for k, v in run_scheduled(session, org=org, now=now, worker=worker).items():
-                totals[k] += v
+                totals[k] = totals.get(k, 0) + v
     totals["dispatch"] = run_due(db, now=now, worker=worker, providers=providers)
     return totals

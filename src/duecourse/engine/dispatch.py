@@ -23,7 +23,15 @@ from duecourse.db.dialect import dialect_name
 from duecourse.engine.assign import campaigns_enqueueable
 from duecourse.engine.cases import advance, log_event, refresh_account_tab
 from duecourse.engine.metrics import DISPATCH_SECONDS, DISPATCHES
-from duecourse.engine.models import Direction, Interaction, InteractionStatus, QueueItem, QueueStatus, Task, TaskStatus
+from duecourse.engine.models import (
+    Direction,
+    Interaction,
+    InteractionStatus,
+    QueueItem,
+    QueueStatus,
+    Task,
+    TaskStatus,
+)
 from duecourse.engine.timing import earliest_within_limit, into_allowed_hours, is_allowed, local_date
 from duecourse.ledger.models import CONTACTABLE_STATUSES, Account, AccountStatus, CollectionTab
 from duecourse.messaging import rendering
@@ -228,7 +236,7 @@ def _skip(ctx: _Ctx, reason: str, *, advance_case: bool, retry_at: datetime | No
 
 def _dispatch_rules(ctx: _Ctx) -> str | None:
     """§4.7, in order: opt-out and contact info, frequency limits, allowed hours (debtor's time zone)."""
-    a, item, channel = ctx.account, ctx.item, str(ctx.item.action)
+    a, channel = ctx.account, str(ctx.item.action)
     if getattr(a, f"opt_out_{channel}"):
         return _skip(ctx, "opt_out", advance_case=True)
     if not getattr(a, ADDRESS[channel]):

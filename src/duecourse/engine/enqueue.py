@@ -34,7 +34,6 @@ from sqlalchemy import (
     not_,
     select,
     text,
-    true,
     type_coerce,
     update,
 )
@@ -47,7 +46,13 @@ from duecourse.engine.assign import assign_campaign_accounts, campaigns_enqueuea
 from duecourse.engine.log import log_accounts, log_items
 from duecourse.engine.models import LIVE_ITEM_PREDICATE, QueueItem, QueueStatus
 from duecourse.engine.stages import StageSpec, first_stage, offsets
-from duecourse.engine.timing import at_local, into_allowed_hours, local_date, next_automation_slot, weekday_set
+from duecourse.engine.timing import (
+    at_local,
+    into_allowed_hours,
+    local_date,
+    next_automation_slot,
+    weekday_set,
+)
 from duecourse.ledger.derived import days_between_expr, local_today_expr
 from duecourse.ledger.models import CONTACTABLE_STATUSES, Account, AccountStatus, CollectionTab
 from duecourse.strategies.models import MultiStageHandling, Strategy

@@ -2,9 +2,11 @@ from __future__ import annotations
 
 from datetime import date, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from duecourse.engine.models import Outcome, Sentiment
 
 
 class _Out(BaseModel):
@@ -85,3 +87,58 @@ class ExecutionLogOut(_Out):
     reason: str | None
     cause: str | None
     details: dict[str, Any] | None
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _ItemRef(_In):
+    queue_item_id: int | None = None
+    provider_ref: str | None = Field(None, max_length=255)
+
+    @model_validator(mode="after")
+    def _one(self) -> _ItemRef:
+        if (self.queue_item_id is None) == (self.provider_ref is None):
+            raise ValueError("give exactly one of queue_item_id and provider_ref")
+        return self
+
+
+class DeliveryIn(_ItemRef):
+    status: Literal["delivered", "bounced", "failed", "undelivered"]
+    error: str | None = Field(None, max_length=2000)
+
+
+class CallFields(_In):
+    outcome: Outcome | None = None
+    promise_amount: Decimal | None = Field(None, gt=0, max_digits=18, decimal_places=4)
+    promise_date: date | None = None
+    callback_at: datetime | None = None
+    sentiment: Sentiment | None = None
+    willingness: int | None = Field(None, ge=1, le=5)
+    summary: str | None = Field(None, max_length=10_000)
+    transcript: str | None = Field(None, max_length=200_000)
+
+    @model_validator(mode="after")
+    def _needs(self) -> CallFields:
+        if self.outcome == Outcome.promise_to_pay and (self.promise_amount is None or self.promise_date is None):
+            raise ValueError("promise_to_pay needs promise_amount and promise_date")
+        if self.outcome == Outcome.callback_requested and self.callback_at is None:
+            raise ValueError("callback_requested needs callback_at")
+        if self.callback_at is not None and self.callback_at.tzinfo is None:
+            raise ValueError("callback_at needs a time zone (e.g. 2026-03-02T15:00:00Z)")
+        return self
+
+
+class CallOutcomeIn(CallFields, _ItemRef):
+    failed: bool = Field(False, description="The call never connected (a delivery failure)")
+
+    @model_validator(mode="after")
+    def _outcome_or_failed(self) -> CallOutcomeIn:
+        if not self.failed and self.outcome is None:
+            raise ValueError("give an outcome, or failed: true")
+        return self
+
+
+class TaskOutcomeIn(CallFields):
+    note: str | None = Field(None, max_length=10_000)

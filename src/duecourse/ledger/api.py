@@ -8,8 +8,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Response
 
 from duecourse.deps import AppClock, DbSession, Reader, requires
+from duecourse.engine.outcomes import promise_made
 from duecourse.ledger import service
-from duecourse.ledger.models import AccountStatus, CollectionTab, InvoiceStatus, PromiseStatus
+from duecourse.ledger.models import Account, AccountStatus, CollectionTab, InvoiceStatus, PromiseStatus
 from duecourse.ledger.schemas import (
     AccountIn,
     AccountOut,
@@ -298,6 +299,8 @@ def create_promise(body: PromiseIn, session: DbSession, clock: AppClock, princip
         now=clock.now(),
         created_by_user_id=principal.user_id,
     )
+    account = session.get(Account, promise.account_id)
+    promise_made(session, account=account, promise=promise, now=clock.now())  # §4.8: contact holds
     return service.promise_view(promise)
 
 

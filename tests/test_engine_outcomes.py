@@ -1,0 +1,214 @@
+"""Outcome scenarios (SPEC §4.8) through the API and ``tick``: bounces, calls, callbacks, promises,
+adaptive timing, agent tasks. Each asserts the queue, the outbox, the account and the execution log."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+
+from sqlalchemy import select
+
+from duecourse.channels.models import SandboxMessage
+from duecourse.engine.cycle import tick
+from duecourse.engine.models import ExecutionLogEntry, QueueItem, Task
+from duecourse.ledger.models import Account, Payment, Promise
+from tests.engine_helpers import debtor, items, log, refresh, strategy
+from tests.test_engine_dispatch import _setup
+
+
+def utc(*a):
+    return datetime(*a, tzinfo=UTC)
+
+
+def _item(db, account_id, stage, status="completed"):
+    with db.transaction() as s:
+        return s.scalars(select(QueueItem).where(QueueItem.account_id == account_id, QueueItem.stage_index == stage,
+                                                 QueueItem.status == status).order_by(QueueItem.id.desc())).first().id
+
+
+def _account(db, account_id):
+    with db.transaction() as s:
+        return s.get(Account, account_id)
+
+
+def _new(db, org, now, ext, **kw):
+    with db.transaction() as s:
+        a = debtor(s, org.id, now, ext, due=date(2026, 3, 1), **kw)
+        refresh(s, org.id, now)
+        return a.id
+
+
+def test_bounce_cancels_the_queued_next_stage_and_sends_it_at_once(db, org, clock):
+    now = clock.now()
+    _setup(db, org, now, [("email", "t", 0), ("sms", "p", 5), ("email", "p", 5)])
+    aid = _new(db, org, now, "BOUNCE")
+    tick(db, now=now)
+    clock.advance(days=1)
+    tick(db, now=clock.now())  # the SMS is queued for 5 days after the email
+    with db.transaction() as s:
+        assert [(i[0], i[1]) for i in items(s, aid)] == [(0, "completed"), (1, "pending")]
+    r = org.post("/api/v1/outcomes/delivery", role="manager", json={"queue_item_id": _item(db, aid, 0), "status": "bounced"})
+    assert r.status_code == 200 and r.json() == {"result": "delivery_failure"}
+    with db.transaction() as s:
+        got = items(s, aid)
+        assert [(i[0], i[1], i[3]) for i in got] == [(0, "completed", None), (1, "cancelled", "delivery_failure"), (1, "pending", None)]
+        assert got[2][2] == clock.now()  # at once (10:00 Madrid is inside SMS hours)
+        events = [e[0] for e in log(s, aid)]
+        assert events[-3:] == ["delivery_failed", "cancelled", "enqueued"]
+    assert tick(db, now=clock.now())["dispatch"] == {"dispatched": 1}
+    with db.transaction() as s:
+        assert [m.channel for m in s.scalars(select(SandboxMessage).order_by(SandboxMessage.id))] == ["email", "sms"]
+
+
+def test_voice_no_answer_retries_then_advances(db, org, clock):
+    now = clock.now()
+    _setup(db, org, now, [("voice", "t", 0), ("email", "p", 2)])
+    with db.transaction() as s:
+        from duecourse.strategies.models import Stage
+        st = s.scalars(select(Stage).where(Stage.position == 0)).one()
+        st.max_retries, st.retry_delay_hours, st.step_timeout_hours = 1, 4, 24
+    # Allow two contacts a day, so the retry four hours later is not held by the frequency limit.
+    org.patch("/api/v1/settings", json={"dispatch": {"frequency_limits": {"overall": {"per_day": 2}}}})
+    aid = _new(db, org, now, "CALL")
+    assert tick(db, now=now)["dispatch"] == {"dispatched": 1}
+    first = _item(db, aid, 0)
+    r = org.post("/api/v1/outcomes/call", role="manager", json={"queue_item_id": first, "outcome": "no_answer"})
+    assert r.json() == {"result": "retry"}
+    with db.transaction() as s:
+        assert items(s, aid)[-1][:2] == (0, "pending") and items(s, aid)[-1][2] == now + timedelta(hours=4)
+    clock.advance(hours=4)
+    tick(db, now=clock.now())
+    second = _item(db, aid, 0)
+    assert second != first
+    # The second call gets no outcome at all: the step timeout counts as unanswered; retries are used up.
+    clock.advance(hours=25)
+    r = tick(db, now=clock.now())
+    assert r["step_timeouts"] == 1
+    acct = _account(db, aid)
+    assert acct.case_next_stage == 1 and acct.case_retry_count == 0
+    with db.transaction() as s:
+        assert ("advanced", 1, None) in log(s, aid) and ("step_timeout", 0, None) in log(s, aid)
+
+
+def test_callback_fulfilled_and_callback_expired(db, org, clock):
+    now = clock.now()
+    _setup(db, org, now, [("voice", "t", 0), ("email", "p", 3)])
+    kept = _new(db, org, now, "CB-KEPT")
+    lapsed = _new(db, org, now, "CB-LAPSED", phone="+34600111333")
+    tick(db, now=now)
+    at = utc(2026, 3, 3, 15)
+    for aid in (kept, lapsed):
+        r = org.post("/api/v1/outcomes/call", role="manager",
+                     json={"queue_item_id": _item(db, aid, 0), "outcome": "callback_requested", "callback_at": at.isoformat()})
+        assert r.json() == {"result": "callback"}
+        acct = _account(db, aid)
+        assert (acct.status, acct.callback_at) == ("callback_pending", at)
+    clock.set(at)
+    assert tick(db, now=at)["dispatch"] == {"dispatched": 2}  # both return calls go out at T
+    # The first debtor talks on the return call; the second never answers.
+    r = org.post("/api/v1/outcomes/call", role="manager",
+                 json={"queue_item_id": _item(db, kept, 0), "outcome": "refused", "sentiment": "neutral", "willingness": 3})
+    assert r.json() == {"result": "completed"}
+    acct = _account(db, kept)
+    assert (acct.status, acct.case_next_stage, acct.callback_at) == ("in_auto_management", 1, None)
+    clock.set(at + timedelta(hours=24, minutes=1))
+    r = tick(db, now=clock.now())
+    assert r["callbacks_expired"] == 1
+    acct = _account(db, lapsed)
+    assert (acct.status, acct.case_next_stage) == ("in_auto_management", 1)
+    with db.transaction() as s:
+        assert ("callback_expired", 0, None) in log(s, lapsed)
+
+
+def test_adaptive_timing_after_a_hostile_call_is_logged(db, org, clock):
+    now = clock.now()
+    _setup(db, org, now, [("voice", "t", 0), ("email", "p", 4)])
+    aid = _new(db, org, now, "ADAPT")
+    tick(db, now=now)
+    org.post("/api/v1/outcomes/call", role="manager",
+             json={"queue_item_id": _item(db, aid, 0), "outcome": "refused", "sentiment": "hostile", "willingness": 1})
+    acct = _account(db, aid)
+    assert (acct.case_next_delay_days, acct.case_tone_override) == (8, "empathetic")
+    with db.transaction() as s:
+        entry = s.scalars(select(ExecutionLogEntry).where(ExecutionLogEntry.event == "adaptive_timing")).one()
+        assert (entry.reason, entry.details["original_delay_days"], entry.details["new_delay_days"]) == ("negative", 4, 8)
+        assert entry.details["sentiment"] == "hostile" and entry.details["willingness"] == 1
+    # The next stage is enqueued 8 days after the call, with the empathetic tone.
+    clock.advance(days=1)
+    tick(db, now=clock.now())
+    with db.transaction() as s:
+        nxt = s.scalars(select(QueueItem).where(QueueItem.account_id == aid, QueueItem.stage_index == 1)).one()
+        assert nxt.scheduled_at.date() == date(2026, 3, 10) and nxt.tone == "empathetic"
+
+
+def test_promise_kept_and_promise_broken_on_a_finished_sequence(db, org, clock):
+    now = clock.now()
+    _setup(db, org, now, [("voice", "t", 0)])
+    payer = _new(db, org, now, "PAYER", total="300.00")
+    breaker = _new(db, org, now, "BREAKER", total="300.00", phone="+34600111444")
+    tick(db, now=now)
+    for aid in (payer, breaker):
+        r = org.post("/api/v1/outcomes/call", role="manager", json={
+            "queue_item_id": _item(db, aid, 0), "outcome": "promise_to_pay", "promise_amount": "100.00",
+            "promise_date": "2026-03-05", "sentiment": "positive", "willingness": 5})
+        assert r.json() == {"result": "completed"}
+        acct = _account(db, aid)
+        assert (acct.status, acct.case_sequence_finished) == ("promise_pending", True)
+    clock.set(utc(2026, 3, 4, 12))
+    pay = org.post("/api/v1/payments", role="agent", json={"account_id": payer, "amount": "100.00", "paid_on": "2026-03-04"})
+    assert pay.status_code == 201, pay.text
+    clock.set(utc(2026, 3, 6, 9))  # promised date + 1 day of grace
+    r = tick(db, now=clock.now())
+    assert (r["promises_kept"], r["promises_broken"]) == (1, 1)
+    with db.transaction() as s:
+        statuses = {p.account_id: p.status for p in s.scalars(select(Promise))}
+        assert statuses == {payer: "kept", breaker: "broken"}
+    assert _account(db, payer).status == "sequence_completed"  # kept, 200 still owed, nothing left to run
+    # The broken promise on a finished sequence restarts it at stage 0 at the next enqueue: the same
+    # cycle's scheduled run (Friday 07:00 had not run yet) resets the case and calls again.
+    assert r["strategy_runs"] == 1
+    acct = _account(db, breaker)
+    assert acct.status == "in_auto_management" and acct.case_sequence_finished is False
+    with db.transaction() as s:
+        assert ("reset", 0, None) in log(s, breaker)
+        assert [(i[0], i[1]) for i in items(s, breaker)][-1] == (0, "completed")  # the call went out again
+
+
+def test_agent_task_outcome_completes_the_stage(db, org, clock):
+    now = clock.now()
+    _setup(db, org, now, [("phone_call", "t", 0), ("email", "p", 1)])
+    aid = _new(db, org, now, "TASK")
+    tick(db, now=now)
+    with db.transaction() as s:
+        task = s.scalars(select(Task)).one()
+        task_id = task.id
+    assert _account(db, aid).case_next_stage == 0  # waits for the agent
+    assert org.post(f"/api/v1/tasks/{task_id}/outcome", role="viewer", json={"outcome": "refused"}).status_code == 403
+    bad = org.post(f"/api/v1/tasks/{task_id}/outcome", role="agent", json={"outcome": "promise_to_pay"})
+    assert bad.status_code == 422
+    r = org.post(f"/api/v1/tasks/{task_id}/outcome", role="agent", json={
+        "outcome": "promise_to_pay", "promise_amount": "50", "promise_date": "2026-03-20", "note": "will pay"})
+    assert r.status_code == 200 and r.json()["status"] == "done" and r.json()["outcome"] == "promise_to_pay"
+    acct = _account(db, aid)
+    assert (acct.case_next_stage, acct.status) == (1, "promise_pending")
+    again = org.post(f"/api/v1/tasks/{task_id}/outcome", role="agent", json={"outcome": "refused"})
+    assert again.status_code == 409
+    with db.transaction() as s:
+        assert s.scalars(select(Promise)).one().amount == Decimal("50")
+
+
+def test_outcome_inputs_are_validated_and_scoped(db, org, other_org, clock):
+    now = clock.now()
+    _setup(db, org, now, [("email", "t", 0)])
+    aid = _new(db, org, now, "VAL")
+    tick(db, now=now)
+    item = _item(db, aid, 0)
+    assert other_org.post("/api/v1/outcomes/delivery", json={"queue_item_id": item, "status": "bounced"}).status_code == 404
+    assert org.post("/api/v1/outcomes/delivery", json={"queue_item_id": item, "status": "lost"}).status_code == 422
+    both = org.post("/api/v1/outcomes/delivery", json={"queue_item_id": item, "provider_ref": "x", "status": "bounced"})
+    assert both.status_code == 422
+    not_voice = org.post("/api/v1/outcomes/call", json={"queue_item_id": item, "outcome": "refused"})
+    assert not_voice.status_code == 422
+    with db.transaction() as s:
+        assert [i[1] for i in items(s, aid)] == ["completed"]
+        assert s.scalar(select(Payment.id)) is None
