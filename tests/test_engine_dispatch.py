@@ -244,3 +244,32 @@ def test_metrics_show_queue_depth_and_dispatch_outcomes(db, org, clock, client):
 
     assert count(text, "dispatched") == count(before, "dispatched") + 1
     assert count(text, "skipped:frequency_limit") == count(before, "skipped:frequency_limit") + 1
+
+
+def test_campaign_past_its_end_date_completes_overnight_once(db, org, clock):
+    from duecourse.campaigns.models import Campaign
+    from duecourse.tenancy.models import AuditEntry
+
+    now = clock.now()
+    st_id = _setup(db, org, now, [("email", "t", 30)])
+    with db.transaction() as s:
+        c = Campaign(organization_id=org.id, name="Ends Tuesday", strategy_id=st_id, status="active",
+                     start_date=date(2026, 2, 1), end_date=date(2026, 3, 3), created_at=now, updated_at=now)
+        s.add(c)
+        s.flush()
+        cid = c.id
+        a = debtor(s, org.id, now, "ENDS", due=date(2026, 3, 1), campaign_id=cid)
+        a_id = a.id
+        refresh(s, org.id, now)
+    from duecourse.engine.enqueue import enqueue as run_enqueue
+    with db.transaction() as s:
+        run_enqueue(s, organization_id=org.id, now=now, campaign_id=cid, cause="test")
+    assert tick(db, now=utc(2026, 3, 3, 22))["campaigns_completed"] == 0  # still Tuesday in Madrid (23:00)
+    r = tick(db, now=utc(2026, 3, 3, 23, 30))  # 00:30 Wednesday in Madrid
+    assert r["campaigns_completed"] == 1
+    assert tick(db, now=utc(2026, 3, 4, 5))["campaigns_completed"] == 0  # once a night
+    with db.transaction() as s:
+        assert s.get(Campaign, cid).status == "completed"
+        assert [(i[1], i[3]) for i in items(s, a_id)] == [("cancelled", "campaign_completed")]
+        entry = s.scalars(select(AuditEntry).where(AuditEntry.entity_type == "campaign")).all()[-1]
+        assert (entry.field, entry.old_value, entry.new_value, entry.actor) == ("status", "active", "completed", "system")

@@ -13,7 +13,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from duecourse.campaigns.models import Campaign
+from duecourse.campaigns.models import Campaign, CampaignStatus
+from duecourse.campaigns.service import transition
 from duecourse.db import Database
 from duecourse.db.dialect import insert_for
 from duecourse.engine.assign import assign_by_trigger, campaigns_enqueueable
@@ -24,6 +25,7 @@ from duecourse.engine.outcomes import expire_callbacks, expire_step_timeouts, se
 from duecourse.engine.timing import last_automation_slot, local_date, weekday_set
 from duecourse.strategies.models import Strategy
 from duecourse.tenancy.models import Organization
+from duecourse.tenancy.principal import Principal
 from duecourse.tenancy.service import get_settings
 
 
@@ -37,6 +39,24 @@ def claim_slot(session: Session, *, organization_id: int, job: str, slot: str, w
     return (session.execute(stmt.execution_options(preserve_rowcount=True)).rowcount or 0) == 1
 
 
+def complete_ended_campaigns(session: Session, *, org: Organization, now: datetime, worker: str) -> int:
+    """§5: once a night (the first cycle of each local day), campaigns past their end date complete,
+    through the same transition as the Complete button (pending items cancelled, audited)."""
+    today = local_date(now, org.timezone)
+    if not claim_slot(session, organization_id=org.id, job="complete_campaigns", slot=today.isoformat(), worker=worker, now=now):
+        return 0
+    ended = session.scalars(
+        select(Campaign.id).where(
+            Campaign.organization_id == org.id,
+            Campaign.status.in_([CampaignStatus.active.value, CampaignStatus.paused.value]),
+            Campaign.end_date < today,
+        )
+    ).all()
+    for campaign_id in ended:
+        transition(session, principal=Principal.system(org.id), campaign_id=campaign_id, action="complete", now=now)
+    return len(ended)
+
+
 def run_scheduled(session: Session, *, org: Organization, now: datetime, worker: str) -> dict[str, int]:
     """The strategies' scheduled runs whose latest slot has passed, and auto-enqueue (§4.5)."""
     counts = {"strategy_runs": 0, "assigned": 0, "enqueued": 0}
@@ -45,6 +65,7 @@ def run_scheduled(session: Session, *, org: Organization, now: datetime, worker:
     counts["promises_kept"], counts["promises_broken"] = settled["kept"], settled["broken"]
     counts["callbacks_expired"] = expire_callbacks(session, organization_id=org.id, now=now)
     counts["step_timeouts"] = expire_step_timeouts(session, organization_id=org.id, now=now)
+    counts["campaigns_completed"] = complete_ended_campaigns(session, org=org, now=now, worker=worker)
     settings = get_settings(session, org.id)
     if settings.automation.engine_paused:
         return counts
