@@ -212,3 +212,37 @@ def test_outcome_inputs_are_validated_and_scoped(db, org, other_org, clock):
     with db.transaction() as s:
         assert [i[1] for i in items(s, aid)] == ["completed"]
         assert s.scalar(select(Payment.id)) is None
+
+
+def test_paying_the_carrying_invoice_restarts_the_case_on_the_next_invoice(db, org, clock):
+    from duecourse.ledger.models import Invoice
+
+    now = clock.now()
+    _setup(db, org, now, [("email", "t", 0), ("email", "p", 7)])
+    with db.transaction() as s:
+        a = debtor(s, org.id, now, "TWO", due=date(2026, 2, 20), total="100.00")
+        s.add(Invoice(organization_id=org.id, account_id=a.id, external_id="TWO-2", number="TWO-2", currency="EUR",
+                      total=Decimal("80.00"), issue_date=date(2026, 2, 1), due_date=date(2026, 3, 2), created_at=now, updated_at=now))
+        s.flush()
+        refresh(s, org.id, now)
+        aid, first_invoice = a.id, a.carrying_invoice_id
+    tick(db, now=now)
+    clock.advance(days=1)
+    tick(db, now=clock.now())  # stage 1 is queued for a week later
+    before = _account(db, aid)
+    assert (before.case_invoice_id, before.case_next_stage, before.case_number) == (first_invoice, 1, 1)
+    pay = org.post("/api/v1/payments", role="agent", json={"account_id": aid, "amount": "100.00", "paid_on": "2026-03-03"})
+    assert pay.status_code == 201
+    acct = _account(db, aid)
+    assert acct.carrying_invoice_id != first_invoice and acct.balance == Decimal("80")
+    clock.advance(days=1)  # Wednesday: the scheduled run restarts the case on invoice TWO-2
+    r = tick(db, now=clock.now())
+    acct = _account(db, aid)
+    assert (acct.case_number, acct.case_invoice_id) == (2, acct.carrying_invoice_id)
+    with db.transaction() as s:
+        events = log(s, aid)
+        assert ("cancelled", 1, "carrying_invoice_changed") in events and ("restarted", None, None) in events
+        # The new case starts from the beginning: stage 0 is sent again (a new case number).
+        last = s.scalars(select(QueueItem).where(QueueItem.account_id == aid).order_by(QueueItem.id.desc())).first()
+        assert (last.case_number, last.stage_index, last.status) == (2, 0, "completed")
+    assert r["dispatch"] == {"dispatched": 1}

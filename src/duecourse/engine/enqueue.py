@@ -42,8 +42,8 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from duecourse.campaigns.models import Campaign
 from duecourse.db.dialect import date_plus_days, dialect_name, insert_for, serialize_on
-from duecourse.engine.assign import assign_campaign_accounts, campaigns_enqueueable
-from duecourse.engine.log import log_accounts, log_items
+from duecourse.engine.assign import anchor_expr, assign_campaign_accounts, campaigns_enqueueable
+from duecourse.engine.log import cancel_pending, log_accounts, log_items
 from duecourse.engine.models import LIVE_ITEM_PREDICATE, QueueItem, QueueStatus
 from duecourse.engine.stages import StageSpec, first_stage, offsets
 from duecourse.engine.timing import (
@@ -78,6 +78,7 @@ _SLOTS_DDL = "(due_date DATE NOT NULL, tz VARCHAR(64) NOT NULL, scheduled_at TIM
 class EnqueueResult:
     paused: bool = False
     assigned: int = 0
+    restarted: int = 0
     reset: int = 0
     enqueued: int = 0
     skipped: int = 0
@@ -142,6 +143,7 @@ def enqueue(
             continue
         plan = _Plan(org, settings, strategy, stages, offsets(stages), local_today, now, cause)
         eligible = _eligible(plan, today=today, campaign_id=campaign_id)
+        result.restarted += _restart_on_new_carrying_invoice(session, plan, today=today, campaign_id=campaign_id)
         result.reset += _reset_broken_promises(session, plan, eligible)
         _choose_first_stage(session, plan, eligible)
         if strategy.multi_stage_handling == MultiStageHandling.skip_to_latest:
@@ -168,6 +170,65 @@ def _eligible(plan: _Plan, *, today: date, campaign_id: int | None) -> ColumnEle
     if campaign_id is not None:
         cond = and_(cond, Account.campaign_id == campaign_id)
     return cond
+
+
+_RESTARTABLE = (
+    AccountStatus.pending_contact.value,
+    AccountStatus.in_auto_management.value,
+    AccountStatus.promise_overdue.value,
+    AccountStatus.sequence_completed.value,
+)
+
+
+def _restart_on_new_carrying_invoice(session: Session, plan: _Plan, *, today: date, campaign_id: int | None) -> int:
+    """§4.2: when the carrying invoice changes (the old one paid while others remain, or an older one
+    arrived), the case starts again on the new one: pending items cancelled, a new anchor, and the
+    first-action logic applied again at this same pass."""
+    where = and_(
+        Account.organization_id == plan.org.id,
+        Account.strategy_id == plan.strategy.id,
+        Account.status.in_(_RESTARTABLE),
+        Account.carrying_invoice_id.is_not(None),
+        Account.case_invoice_id.is_not(None),
+        Account.case_invoice_id != Account.carrying_invoice_id,
+    )
+    if campaign_id is not None:
+        where = and_(where, Account.campaign_id == campaign_id)
+    cancel_pending(
+        session,
+        organization_id=plan.org.id,
+        which=QueueItem.account_id.in_(select(Account.id).where(where)),
+        now=plan.now,
+        reason="carrying_invoice_changed",
+        cause="restart",
+    )
+    log_accounts(
+        session, where=where, at=plan.now, event="restarted", cause="carrying_invoice_changed",
+        details={"strategy_id": plan.strategy.id},
+    )
+    result = session.execute(
+        update(Account)
+        .where(where)
+        .values(
+            status=AccountStatus.pending_contact.value,
+            collection_tab=CollectionTab.scheduled.value,
+            case_number=Account.case_number + 1,
+            case_opened_at=plan.now,
+            case_opened_on=today,
+            case_anchor_date=anchor_expr(session, strategy=plan.strategy, org=plan.org, now=plan.now),
+            case_invoice_id=Account.carrying_invoice_id,
+            case_next_stage=None,
+            case_prev_completed_at=None,
+            case_prev_completed_on=None,
+            case_next_delay_days=None,
+            case_retry_count=0,
+            case_sequence_finished=False,
+            case_tone_override=None,
+            updated_at=plan.now,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount or 0
 
 
 def _reset_broken_promises(session: Session, plan: _Plan, eligible: ColumnElement[bool]) -> int:
