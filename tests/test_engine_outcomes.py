@@ -246,3 +246,17 @@ def test_paying_the_carrying_invoice_restarts_the_case_on_the_next_invoice(db, o
         last = s.scalars(select(QueueItem).where(QueueItem.account_id == aid).order_by(QueueItem.id.desc())).first()
         assert (last.case_number, last.stage_index, last.status) == (2, 0, "completed")
     assert r["dispatch"] == {"dispatched": 1}
+
+
+def test_a_requested_callback_is_not_held_by_the_daily_limit(db, org, clock):
+    now = clock.now()
+    _setup(db, org, now, [("voice", "t", 0)])
+    aid = _new(db, org, now, "SAMEDAY")
+    tick(db, now=now)  # the first call today uses the one contact a day
+    at = now + timedelta(hours=4)
+    org.post("/api/v1/outcomes/call", role="manager",
+             json={"queue_item_id": _item(db, aid, 0), "outcome": "callback_requested", "callback_at": at.isoformat()})
+    assert tick(db, now=at)["dispatch"] == {"dispatched": 1}
+    with db.transaction() as s:
+        calls = s.scalars(select(QueueItem).where(QueueItem.account_id == aid, QueueItem.status == "completed")).all()
+        assert [(c.is_callback, c.sent_at) for c in calls] == [(False, now), (True, at)]

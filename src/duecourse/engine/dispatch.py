@@ -258,7 +258,9 @@ def _dispatch_rules(ctx: _Ctx) -> str | None:
         earliest_within_limit(ctx.now, [c[0] for c in contacts], per_day=overall.per_day, per_week=overall.per_week),
         earliest_within_limit(ctx.now, [c[0] for c in contacts if str(c[1]) == channel], per_day=own.per_day, per_week=own.per_week),
     )
-    if earliest > ctx.now:
+    # A return call the debtor asked for keeps its time: the limit protects debtors from us, not
+    # from the call they requested.
+    if earliest > ctx.now and not ctx.item.is_callback:
         retry_at = into_allowed_hours(earliest, tz=tz, start=hours.start, end=hours.end, days=hours.days)
         return _skip(ctx, "frequency_limit", advance_case=False, retry_at=retry_at)
     if not is_allowed(ctx.now, tz=tz, start=hours.start, end=hours.end, days=hours.days):
