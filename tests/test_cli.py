@@ -82,3 +82,18 @@ def test_tick_at_runs_a_cycle_and_refuses_bad_time(cli, db):
         assert s.scalar(select(func.count()).select_from(SandboxMessage)) > 0
     again = cli.invoke(app, ["tick", "--at", "2030-01-07T09:30:00Z"])
     assert "'strategy_runs': 0" in again.output  # the same slot never runs twice
+
+
+def test_simulate_prints_the_plan_and_changes_nothing(cli, db):
+    assert cli.invoke(app, ["demo", "--no-serve"]).exit_code == 0
+    from duecourse.engine.models import QueueItem
+
+    with db.transaction() as s:
+        before = s.scalar(select(func.count()).select_from(QueueItem))
+        org_id = s.scalar(select(Organization.id))
+    assert cli.invoke(app, ["simulate", "-o", str(org_id), "--days", "40"]).exit_code == 2
+    r = cli.invoke(app, ["simulate", "-o", str(org_id), "--days", "2"])
+    assert r.exit_code == 0, r.output
+    assert "summary:" in r.output and "DEMO-" in r.output
+    with db.transaction() as s:
+        assert s.scalar(select(func.count()).select_from(QueueItem)) == before

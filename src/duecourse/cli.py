@@ -210,6 +210,37 @@ def scheduler(poll: float = typer.Option(30.0, help="Seconds between passes")) -
     run_loop(Database(settings.database_url), SystemClock(), scheduler=True, worker=False, poll_seconds=poll)
 
 
+@app.command()
+def simulate(
+    organization: int = typer.Option(..., "--organization", "-o", help="Organization id"),
+    days: int = typer.Option(7, help="Days ahead (1-31)"),
+    strategy: int = typer.Option(None, help="Only this strategy's accounts"),
+    campaign: int = typer.Option(None, help="Only this campaign's accounts"),
+) -> None:
+    """Safe mode: print what the engine would do over the next days. Sends and changes nothing."""
+    from rich.table import Table
+
+    from duecourse.engine.simulate import MAX_DAYS
+    from duecourse.engine.simulate import simulate as run_simulation
+
+    if not 1 <= days <= MAX_DAYS:
+        _fail(f"--days must be between 1 and {MAX_DAYS}")
+    settings = get_settings()
+    db = Database(settings.database_url)
+    try:
+        result = run_simulation(
+            db, organization_id=organization, start=SystemClock().now(), days=days, strategy_id=strategy, campaign_id=campaign
+        )
+    finally:
+        db.dispose()
+    table = Table("when (UTC)", "account", "event", "stage", "channel", "reason")
+    for e in result["events"]:
+        table.add_row(e["at"].strftime("%Y-%m-%d %H:%M"), e["external_id"], e["event"], str(e["stage_index"] if e["stage_index"] is not None else ""),
+                      e["channel"] or "", e["reason"] or "")
+    console.print(table)
+    console.print(f"summary: {result['summary']}")
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime, time
 from typing import Any
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, select
 
@@ -19,6 +19,7 @@ from duecourse.engine import outcomes
 from duecourse.engine.enqueue import enqueue
 from duecourse.engine.models import ExecutionLogEntry, Interaction, QueueItem, QueueStatus, Task, TaskStatus
 from duecourse.engine.outcomes import CallReport
+from duecourse.engine.simulate import MAX_DAYS, simulate
 from duecourse.engine.schemas import (
     CallFields,
     CallOutcomeIn,
@@ -248,4 +249,19 @@ def report_task(task_id: int, body: TaskOutcomeIn, session: DbSession, clock: Ap
     return outcomes.record_task_outcome(
         session, organization_id=principal.organization_id, task_id=task_id, now=clock.now(), report=_report(body),
         note=body.note, user_id=principal.user_id,
+    )
+
+
+class SimulateIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    days: int = Field(7, ge=1, le=MAX_DAYS, description="How many days ahead")
+    strategy_id: int | None = None
+    campaign_id: int | None = None
+
+
+@router.post("/engine/simulate", summary="Safe mode: what the engine would do over the next days (changes nothing)")
+def simulate_engine(body: SimulateIn, request: Request, clock: AppClock, principal: Principal = Operator) -> dict[str, Any]:
+    return simulate(
+        request.app.state.db, organization_id=principal.organization_id, start=clock.now(), days=body.days,
+        strategy_id=body.strategy_id, campaign_id=body.campaign_id,
     )

@@ -93,16 +93,26 @@ def run_scheduled(session: Session, *, org: Organization, now: datetime, worker:
     return counts
 
 
-def tick(db: Database, *, now: datetime, worker: str = "tick", providers: ProviderFactory = sandbox_providers) -> dict[str, Any]:
-    """One full cycle at ``now``: scheduler work for every organization, then every due dispatch."""
+def tick(
+    db: Database,
+    *,
+    now: datetime,
+    worker: str = "tick",
+    providers: ProviderFactory = sandbox_providers,
+    organization_id: int | None = None,
+) -> dict[str, Any]:
+    """One full cycle at ``now``: scheduler work for every organization (or one), then every due dispatch."""
     totals: dict[str, Any] = {}
     with db.transaction() as session:
-        org_ids = session.scalars(select(Organization.id).order_by(Organization.id)).all()
+        stmt = select(Organization.id).order_by(Organization.id)
+        if organization_id is not None:
+            stmt = stmt.where(Organization.id == organization_id)
+        org_ids = session.scalars(stmt).all()
     for org_id in org_ids:
         with db.transaction() as session:
             org = session.get(Organization, org_id)
             assert org is not None
             for k, v in run_scheduled(session, org=org, now=now, worker=worker).items():
                 totals[k] = totals.get(k, 0) + v
-    totals["dispatch"] = run_due(db, now=now, worker=worker, providers=providers)
+    totals["dispatch"] = run_due(db, now=now, worker=worker, providers=providers, organization_id=organization_id)
     return totals

@@ -59,7 +59,9 @@ def paused_organizations(session: Session) -> list[int]:
     return [org_id for org_id, data in rows if (data or {}).get("automation", {}).get("engine_paused")]
 
 
-def claim(session: Session, *, now: datetime, worker: str, limit: int, lease_seconds: int = 300) -> list[int]:
+def claim(
+    session: Session, *, now: datetime, worker: str, limit: int, lease_seconds: int = 300, organization_id: int | None = None
+) -> list[int]:
     """Claim up to ``limit`` due pending items (oldest schedule first) as leases; returns their ids.
     Items of organizations whose engine is paused stay pending (§4.7)."""
     due = (
@@ -68,6 +70,8 @@ def claim(session: Session, *, now: datetime, worker: str, limit: int, lease_sec
         .order_by(QueueItem.scheduled_at, QueueItem.stage_index, QueueItem.id)
         .limit(limit)
     )
+    if organization_id is not None:
+        due = due.where(QueueItem.organization_id == organization_id)
     paused = paused_organizations(session)
     if paused:
         due = due.where(QueueItem.organization_id.not_in(paused))
@@ -351,13 +355,21 @@ def _fail(ctx: _Ctx, error: str, *, retryable: bool) -> str:
     return "failed"
 
 
-def run_due(db: Any, *, now: datetime, worker: str, batch: int = 100, providers: ProviderFactory = sandbox_providers) -> dict[str, int]:
+def run_due(
+    db: Any,
+    *,
+    now: datetime,
+    worker: str,
+    batch: int = 100,
+    providers: ProviderFactory = sandbox_providers,
+    organization_id: int | None = None,
+) -> dict[str, int]:
     """Claim and process due items until none is left (one transaction per item). Returns counters."""
     counts: dict[str, int] = {}
     while True:
         with db.transaction() as session:
             recover_expired_leases(session, now=now)
-            ids = claim(session, now=now, worker=worker, limit=batch)
+            ids = claim(session, now=now, worker=worker, limit=batch, organization_id=organization_id)
         if not ids:
             return counts
         for item_id in ids:
