@@ -9,6 +9,7 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
 from duecourse.clock import Clock
+from duecourse.db.session import unit_of_work
 from duecourse.errors import Unauthorized
 from duecourse.tenancy import service as tenancy
 from duecourse.tenancy.principal import Permission, Principal
@@ -19,16 +20,8 @@ SESSION_COOKIE = "duecourse_session"
 
 def _session(request: Request) -> Iterator[Session]:
     """One session per request: commits when the route returns, rolls back when it raises."""
-    db = request.app.state.db
-    session = db.sessionmaker()
-    try:
+    with unit_of_work(request.app.state.db.sessionmaker()) as session:
         yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 
 
 # scope="function": commit before the response is sent, so a failed commit is never reported as success.

@@ -32,6 +32,19 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
     return create_engine(url, echo=echo, pool_pre_ping=True, pool_size=10, max_overflow=10)
 
 
+@contextmanager
+def unit_of_work(session: Session) -> Iterator[Session]:
+    """Commit the session when the block succeeds, roll back when it raises, close it either way."""
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
 class Database:
     """One engine and its session factory."""
 
@@ -47,15 +60,8 @@ class Database:
     @contextmanager
     def transaction(self) -> Iterator[Session]:
         """A session that commits when the block succeeds and rolls back when it raises."""
-        session = self.sessionmaker()
-        try:
+        with unit_of_work(self.sessionmaker()) as session:
             yield session
-            session.commit()
-        except BaseException:
-            session.rollback()
-            raise
-        finally:
-            session.close()
 
     def dispose(self) -> None:
         self.engine.dispose()

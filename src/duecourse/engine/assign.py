@@ -56,6 +56,29 @@ def anchor_expr(session: Session, *, strategy: Strategy, org: Organization, now:
     return local_today_expr(session, organization_id=org.id, org_timezone=org.timezone, now=now)
 
 
+def new_case_values(session: Session, *, strategy: Strategy, org: Organization, now: datetime) -> dict[str, Any]:
+    """The columns of a fresh case (or a restarted one) for an ``UPDATE accounts``: next case number,
+    anchor, the carrying invoice it is opened on, nothing done yet."""
+    return dict(
+        status=AccountStatus.pending_contact.value,
+        collection_tab=CollectionTab.scheduled.value,
+        case_number=Account.case_number + 1,
+        case_opened_at=now,
+        case_opened_on=local_date(now, org.timezone),
+        case_anchor_date=anchor_expr(session, strategy=strategy, org=org, now=now),
+        case_invoice_id=Account.carrying_invoice_id,
+        case_next_stage=None,
+        case_prev_completed_at=None,
+        case_prev_completed_on=None,
+        case_next_delay_days=None,
+        case_retry_count=0,
+        case_sequence_finished=False,
+        case_tone_override=None,
+        callback_at=None,
+        updated_at=now,
+    )
+
+
 def open_cases(
     session: Session,
     *,
@@ -77,25 +100,7 @@ def open_cases(
     result = session.execute(
         update(Account)
         .where(where)
-        .values(
-            strategy_id=strategy.id,
-            status=AccountStatus.pending_contact.value,
-            collection_tab=CollectionTab.scheduled.value,
-            case_number=Account.case_number + 1,
-            case_opened_at=now,
-            case_opened_on=local_date(now, org.timezone),
-            case_anchor_date=anchor_expr(session, strategy=strategy, org=org, now=now),
-            case_invoice_id=Account.carrying_invoice_id,
-            case_next_stage=None,
-            case_prev_completed_at=None,
-            case_prev_completed_on=None,
-            case_next_delay_days=None,
-            case_retry_count=0,
-            case_sequence_finished=False,
-            case_tone_override=None,
-            callback_at=None,
-            updated_at=now,
-        )
+        .values(strategy_id=strategy.id, **new_case_values(session, strategy=strategy, org=org, now=now))
         .execution_options(synchronize_session=False)
     )
     return result.rowcount or 0

@@ -42,7 +42,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from duecourse.campaigns.models import Campaign
 from duecourse.db.dialect import date_plus_days, dialect_name, insert_for, serialize_on
-from duecourse.engine.assign import anchor_expr, assign_campaign_accounts, campaigns_enqueueable
+from duecourse.engine.assign import assign_campaign_accounts, campaigns_enqueueable, new_case_values
 from duecourse.engine.log import cancel_pending, log_accounts, log_items
 from duecourse.engine.models import LIVE_ITEM_PREDICATE, QueueItem, QueueStatus
 from duecourse.engine.stages import StageSpec, first_stage, offsets
@@ -143,7 +143,7 @@ def enqueue(
             continue
         plan = _Plan(org, settings, strategy, stages, offsets(stages), local_today, now, cause)
         eligible = _eligible(plan, today=today, campaign_id=campaign_id)
-        result.restarted += _restart_on_new_carrying_invoice(session, plan, today=today, campaign_id=campaign_id)
+        result.restarted += _restart_on_new_carrying_invoice(session, plan, campaign_id=campaign_id)
         result.reset += _reset_broken_promises(session, plan, eligible)
         _choose_first_stage(session, plan, eligible)
         if strategy.multi_stage_handling == MultiStageHandling.skip_to_latest:
@@ -180,7 +180,7 @@ _RESTARTABLE = (
 )
 
 
-def _restart_on_new_carrying_invoice(session: Session, plan: _Plan, *, today: date, campaign_id: int | None) -> int:
+def _restart_on_new_carrying_invoice(session: Session, plan: _Plan, *, campaign_id: int | None) -> int:
     """§4.2: when the carrying invoice changes (the old one paid while others remain, or an older one
     arrived), the case starts again on the new one: pending items cancelled, a new anchor, and the
     first-action logic applied again at this same pass."""
@@ -207,25 +207,7 @@ def _restart_on_new_carrying_invoice(session: Session, plan: _Plan, *, today: da
         details={"strategy_id": plan.strategy.id},
     )
     result = session.execute(
-        update(Account)
-        .where(where)
-        .values(
-            status=AccountStatus.pending_contact.value,
-            collection_tab=CollectionTab.scheduled.value,
-            case_number=Account.case_number + 1,
-            case_opened_at=plan.now,
-            case_opened_on=today,
-            case_anchor_date=anchor_expr(session, strategy=plan.strategy, org=plan.org, now=plan.now),
-            case_invoice_id=Account.carrying_invoice_id,
-            case_next_stage=None,
-            case_prev_completed_at=None,
-            case_prev_completed_on=None,
-            case_next_delay_days=None,
-            case_retry_count=0,
-            case_sequence_finished=False,
-            case_tone_override=None,
-            updated_at=plan.now,
-        )
+        update(Account).where(where).values(**new_case_values(session, strategy=plan.strategy, org=plan.org, now=plan.now))
         .execution_options(synchronize_session=False)
     )
     return result.rowcount or 0

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from duecourse.channels.base import OutboundMessage, SendResult
 from duecourse.db import Database
+from duecourse.db.session import unit_of_work
 from duecourse.engine.cycle import tick
 from duecourse.engine.models import ExecutionLogEntry
 from duecourse.ledger.models import Account
@@ -47,14 +48,8 @@ class _Copy:
     @contextmanager
     def transaction(self) -> Iterator[Session]:
         session = Session(bind=self.connection, join_transaction_mode="create_savepoint", expire_on_commit=False)
-        try:
+        with unit_of_work(session):
             yield session
-            session.commit()
-        except BaseException:
-            session.rollback()
-            raise
-        finally:
-            session.close()
 
 
 def simulate(
