@@ -595,3 +595,70 @@ def test_phone_validity_shortcut_agrees_with_phonenumbers_everywhere():
                     assert got == phonenumbers.is_valid_number(num), (region, v)
                     checked += 1
     assert checked > 5000
+
+
+def _account_rows(s: Any) -> list[tuple[Any, ...]]:
+    return [tuple(r) for r in s.execute(text("SELECT * FROM accounts ORDER BY id"))]
+
+
+@pytest.mark.parametrize(
+    "exclusions",
+    [
+        {},
+        {"min_balance": Decimal(50), "excluded_tags": ["vip"], "exclude_only_disputed": False},
+        {"min_balance": Decimal(0), "excluded_tags": ["b2b"], "exclude_only_disputed": True},
+    ],
+)
+def test_single_pass_refresh_matches_refresh_accounts(org, db, clock, exclusions):
+    """The imports' one-UPDATE refresh leaves every account exactly as refresh_accounts does."""
+    from duecourse.ledger.derived import refresh_accounts_single_pass
+    from duecourse.tenancy.settings import ExclusionSettings
+
+    if db.engine.dialect.name != "postgresql":
+        pytest.skip("the single-pass refresh is PostgreSQL only")
+    loaded(org)
+    excl = ExclusionSettings(**exclusions)
+    messy = [
+        # stale derived values and every status the fast path accepts, on accounts with and without debt
+        (
+            "UPDATE accounts SET balance = 7, gross_open = 9, carrying_invoice_id = NULL, collection_tab = 'blocked'"
+            " WHERE external_id = 'A1'"
+        ),
+        "UPDATE accounts SET status = 'resolved', collection_tab = NULL WHERE external_id IN ('A1', 'A2')",
+        "UPDATE accounts SET status = 'unassigned', collection_tab = 'outstanding', balance = 5 WHERE external_id = 'A3'",
+        "UPDATE invoices SET disputed = FALSE WHERE external_id = 'I3'",
+        "UPDATE invoices SET status = 'void' WHERE external_id = 'I2'",
+    ]
+    now = clock.now() + timedelta(days=3)
+    results = []
+    for fast in (True, False):
+        s = db.sessionmaker()
+        try:
+            for stmt in messy:
+                s.execute(text(stmt))
+            ids = [r[0] for r in s.execute(text("SELECT id FROM accounts ORDER BY id"))]
+            for scope in (ids[:2], None):
+                if fast:
+                    assert refresh_accounts_single_pass(
+                        s, organization_id=org.id, exclusions=excl, now=now, account_ids=scope
+                    )
+                else:
+                    refresh_accounts(s, organization_id=org.id, exclusions=excl, now=now, account_ids=scope)
+                results.append(_account_rows(s))
+        finally:
+            s.rollback()
+            s.close()
+    assert results[:2] == results[2:]
+
+
+def test_single_pass_refresh_declines_accounts_with_a_case(org, db, clock):
+    from duecourse.ledger.derived import refresh_accounts_single_pass
+
+    loaded(org)
+    with db.transaction() as s:
+        s.execute(text("UPDATE accounts SET status = 'in_auto_management' WHERE external_id = 'A1'"))
+        before = _account_rows(s)
+        assert not refresh_accounts_single_pass(
+            s, organization_id=org.id, exclusions=get_settings(s, org.id).exclusions, now=clock.now()
+        )
+        assert _account_rows(s) == before

@@ -52,7 +52,7 @@ from sqlalchemy.orm import Session
 
 from duecourse.db.base import MONEY_PLACES, MONEY_SCALE, UTCDateTime
 from duecourse.errors import DomainError, FieldError, NotFound
-from duecourse.ledger.derived import refresh_accounts
+from duecourse.ledger.derived import refresh_accounts, refresh_accounts_single_pass
 from duecourse.ledger.import_rows import (
     COLUMNS,
     MAX_ERRORS,
@@ -821,13 +821,16 @@ def run_import(
             affected = select(stager.affected.c.account_id)
             if kind is not ImportKind.accounts and allocate_payments is not None and _has_credit(sql, affected):
                 allocate_payments(session, organization_id=organization_id, account_ids=affected, now=now, refresh=False)
-            refresh_accounts(
-                session,
-                organization_id=organization_id,
-                exclusions=get_settings(session, organization_id).exclusions,
-                now=now,
-                account_ids=affected,
-            )
+            # One UPDATE when no affected account has a case or pending items (new accounts);
+            # otherwise the full refresh, which cancels and logs what resolving requires.
+            refresh_args: dict[str, Any] = {
+                "organization_id": organization_id,
+                "exclusions": get_settings(session, organization_id).exclusions,
+                "now": now,
+                "account_ids": affected,
+            }
+            if not refresh_accounts_single_pass(session, **refresh_args):
+                refresh_accounts(session, **refresh_args)
         # Leave the planner statistics true to the new data (pages of the account list use them at
         # once; autovacuum may be minutes away, or off).
         changed = report.inserted + report.updated

@@ -133,7 +133,9 @@ class Account(Base):
     # by chaining from a date before its case existed.
     case_opened_on: Mapped[date | None] = mapped_column(Date)
     case_anchor_date: Mapped[date | None] = mapped_column(Date)
-    case_invoice_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("invoices.id", ondelete="SET NULL", use_alter=True))
+    # No foreign key (like carrying_invoice_id): a pointer the ledger keeps itself, cleared when its
+    # invoice is deleted (ledger.service.delete_invoice).
+    case_invoice_id: Mapped[int | None] = mapped_column(BigId)
     case_next_stage: Mapped[int | None] = mapped_column(SmallInteger)
     case_prev_completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # The organization-local date the previous stage completed on: days_from_previous counts from it.
@@ -148,9 +150,10 @@ class Account(Base):
     # Derived (see class docstring).
     balance: Mapped[Decimal] = mapped_column(Money, nullable=False, default=Decimal(0))
     gross_open: Mapped[Decimal] = mapped_column(Money, nullable=False, default=Decimal(0))
-    carrying_invoice_id: Mapped[int | None] = mapped_column(
-        BigId, ForeignKey("invoices.id", ondelete="SET NULL", use_alter=True)
-    )
+    # Derived, recomputed by derived.refresh_accounts after every invoice change (deletes included),
+    # so no foreign key: its checks cost bulk imports time, and unindexed they made every invoice
+    # delete scan the accounts table for ON DELETE SET NULL.
+    carrying_invoice_id: Mapped[int | None] = mapped_column(BigId)
     carrying_due_date: Mapped[date | None] = mapped_column(Date)
     collection_tab: Mapped[CollectionTab | None] = mapped_column(str_enum(CollectionTab, "collection_tab"))
 

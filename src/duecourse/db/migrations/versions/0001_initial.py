@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-22 19:13:41.980627
+Create Date: 2026-11-22 19:31:41.567797
 """
 
 from __future__ import annotations
@@ -241,8 +241,6 @@ def upgrade() -> None:
     sa.Column('updated_at', sa.DateTime(), nullable=False),
     sa.CheckConstraint('score IS NULL OR (score >= 0 AND score <= 100)', name=op.f('ck_accounts_score_range')),
     sa.ForeignKeyConstraint(['campaign_id'], ['campaigns.id'], name=op.f('fk_accounts_campaign_id_campaigns'), ondelete='SET NULL'),
-    sa.ForeignKeyConstraint(['carrying_invoice_id'], ['invoices.id'], name=op.f('fk_accounts_carrying_invoice_id_invoices'), ondelete='SET NULL', use_alter=True),
-    sa.ForeignKeyConstraint(['case_invoice_id'], ['invoices.id'], name=op.f('fk_accounts_case_invoice_id_invoices'), ondelete='SET NULL', use_alter=True),
     sa.ForeignKeyConstraint(['organization_id'], ['organizations.id'], name=op.f('fk_accounts_organization_id_organizations'), ondelete='CASCADE'),
     sa.ForeignKeyConstraint(['strategy_id'], ['strategies.id'], name=op.f('fk_accounts_strategy_id_strategies'), ondelete='SET NULL'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_accounts')),
