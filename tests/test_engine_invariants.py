@@ -42,6 +42,12 @@ def _check(s, org_id: int) -> None:
         .group_by(QueueItem.account_id, QueueItem.stage_index)
     ).all()
     assert all(c == 1 for *_, c in live), live
+    # A resolved account (nothing owed) is never waiting to be contacted.
+    resolved_live = s.scalar(
+        select(func.count()).select_from(QueueItem).join(Account, Account.id == QueueItem.account_id)
+        .where(QueueItem.organization_id == org_id, Account.status == "resolved", QueueItem.status == "pending")
+    )
+    assert resolved_live == 0
     finished = s.scalars(select(QueueItem).where(QueueItem.organization_id == org_id,
                                                  QueueItem.status.not_in(["pending", "processing"]))).all()
     logged = {
@@ -95,7 +101,8 @@ def test_engine_invariants_hold(db, clock, stages, people, steps, handling):
                 acct = s.scalars(select(Account).where(Account.organization_id == org_id, Account.balance > 0)).first()
                 if acct is not None:
                     s.add(Payment(organization_id=org_id, account_id=acct.id, external_id=f"pay-{n}-{acct.id}",
-                                  amount=acct.balance, currency=acct.currency, paid_on=now.date(), source="api", created_at=now))
+                                  amount=acct.balance, unallocated=acct.balance, currency=acct.currency, paid_on=now.date(),
+                                  source="api", created_at=now))
                     s.flush()
                     from duecourse.ledger.allocation import allocate_payments
                     allocate_payments(s, organization_id=org_id, account_ids=[acct.id], now=now)
