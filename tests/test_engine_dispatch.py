@@ -11,7 +11,7 @@ from duecourse.channels.models import SandboxMessage
 from duecourse.engine.cycle import tick
 from duecourse.engine.dispatch import claim, process_item, recover_expired_leases
 from duecourse.engine.enqueue import enqueue
-from duecourse.engine.models import QueueItem
+from duecourse.engine.models import QueueItem, Task
 from duecourse.ledger.models import Account
 from duecourse.messaging.models import Template
 from duecourse.tenancy import service as tenancy
@@ -273,3 +273,24 @@ def test_campaign_past_its_end_date_completes_overnight_once(db, org, clock):
         assert [(i[1], i[3]) for i in items(s, a_id)] == [("cancelled", "campaign_completed")]
         entry = s.scalars(select(AuditEntry).where(AuditEntry.entity_type == "campaign")).all()[-1]
         assert (entry.field, entry.old_value, entry.new_value, entry.actor) == ("status", "active", "completed", "system")
+
+
+def test_a_later_stage_never_overtakes_one_waiting_for_its_outcome(db, org, clock):
+    now = clock.now()
+    _setup(db, org, now, [("phone_call", "t", 0), ("email", "p", 0)])
+    org.patch("/api/v1/settings", json={"dispatch": {"frequency_limits": {"overall": {"per_day": 5}}}})
+    with db.transaction() as s:
+        a = debtor(s, org.id, now, "ORDER", due=date(2026, 3, 1))
+        a_id = a.id
+        refresh(s, org.id, now)
+    tick(db, now=now)  # both due: the call task opens; the email must not go before the task is done
+    with db.transaction() as s:
+        assert [(i[0], i[1], i[3]) for i in items(s, a_id)] == [(0, "completed", None), (1, "cancelled", "awaiting_previous_stage")]
+        task_id = s.scalars(select(Task.id)).one()
+    assert outbox(db) == []
+    org.post(f"/api/v1/tasks/{task_id}/outcome", role="agent", json={"outcome": "refused"})
+    clock.advance(hours=1)
+    with db.transaction() as s:
+        enqueue(s, organization_id=org.id, now=clock.now(), cause="test")
+    tick(db, now=clock.now())
+    assert [m[0] for m in outbox(db, a_id)] == ["email"]

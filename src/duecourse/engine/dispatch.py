@@ -87,10 +87,11 @@ def claim(
             attempt=QueueItem.attempt + 1,
             updated_at=now,
         )
-        .returning(QueueItem.id)
+        .returning(QueueItem.id, QueueItem.scheduled_at, QueueItem.stage_index)
         .execution_options(synchronize_session=False)
     ).all()
-    return sorted(r[0] for r in rows)
+    # Handled in schedule order, and a case's stages in their order.
+    return [r[0] for r in sorted(rows, key=lambda r: (r[1], r[2], r[0]))]
 
 
 def recover_expired_leases(session: Session, *, now: datetime) -> int:
@@ -200,12 +201,17 @@ def _revalidate(ctx: _Ctx) -> str | None:
         earlier = s.scalar(
             select(QueueItem.scheduled_at)
             .where(QueueItem.account_id == a.id, QueueItem.case_number == a.case_number,
-                   QueueItem.stage_index < item.stage_index, QueueItem.status == QueueStatus.pending.value)
+                   QueueItem.stage_index < item.stage_index,
+                   QueueItem.status.in_([QueueStatus.pending.value, QueueStatus.processing.value]))
             .order_by(QueueItem.scheduled_at.desc())
             .limit(1)
         )
+        if earlier is None:
+            # The earlier stage is out, waiting for its outcome (a call, an agent's task): this item
+            # would wait for hours. Withdraw it; the next enqueue after the case advances brings it back.
+            return _cancel(ctx, "awaiting_previous_stage")
         _release(ctx)
-        item.scheduled_at = max(earlier or ctx.now, ctx.now) + timedelta(minutes=1)
+        item.scheduled_at = max(earlier, ctx.now) + timedelta(minutes=1)
         log_event(s, a, at=ctx.now, event="deferred", stage_index=item.stage_index, queue_item_id=item.id,
                   reason="stage_order", details={"until": item.scheduled_at.isoformat()})
         return "deferred:stage_order"
