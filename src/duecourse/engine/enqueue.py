@@ -18,6 +18,7 @@ from datetime import date, datetime, time
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Column,
     Date,
     DateTime,
@@ -72,6 +73,14 @@ _slots = Table(
     Column("scheduled_at", DateTime, nullable=False),
 )
 _SLOTS_DDL = "(due_date DATE NOT NULL, tz VARCHAR(64) NOT NULL, scheduled_at TIMESTAMP NOT NULL)"
+_candidates = Table(
+    "dc_enqueue_candidates",
+    MetaData(),
+    Column("account_id", BigInteger, primary_key=True),
+    Column("due_date", Date, nullable=False),
+    Column("tz", String(64), nullable=False),
+)
+_CANDIDATES_DDL = "(account_id BIGINT PRIMARY KEY, due_date DATE NOT NULL, tz VARCHAR(64) NOT NULL)"
 
 
 @dataclass
@@ -349,6 +358,7 @@ def _enqueue_stages(session: Session, plan: _Plan, eligible: ColumnElement[bool]
 def _prepare_slots(session: Session) -> None:
     suffix = " ON COMMIT DELETE ROWS" if dialect_name(session) == "postgresql" else ""
     session.execute(text(f"CREATE TEMPORARY TABLE IF NOT EXISTS {_slots.name} {_SLOTS_DDL}{suffix}"))
+    session.execute(text(f"CREATE TEMPORARY TABLE IF NOT EXISTS {_candidates.name} {_CANDIDATES_DDL}{suffix}"))
 
 
 def _scheduled_at(plan: _Plan, due: date, tz: str, action: str) -> datetime:
@@ -371,7 +381,17 @@ def _insert_items(session: Session, plan: _Plan, *, where: ColumnElement[bool], 
     stage = plan.strategy.stages[stage_index]
     action = str(stage.action_type)
     tz = func.coalesce(Account.timezone, plan.org.timezone)
-    pairs = session.execute(select(due.label("due"), tz.label("tz")).where(where).distinct()).all()
+    # The candidates first, in their own statement: their NOT EXISTS over the queue then reads the
+    # queue as it was, not the rows this pass is inserting (which, on PostgreSQL with the planner
+    # expecting few candidates, made the insert quadratic).
+    session.execute(delete(_candidates))
+    session.execute(
+        insert(_candidates).from_select(["account_id", "due_date", "tz"], select(Account.id, due, tz).where(where))
+    )
+    if dialect_name(session) == "postgresql":
+        # Temporary tables have no statistics; without them PostgreSQL joins by nested loop.
+        session.execute(text(f"ANALYZE {_candidates.name}"))
+    pairs = session.execute(select(_candidates.c.due_date, _candidates.c.tz).distinct()).all()
     if not pairs:
         return 0
     session.execute(delete(_slots))
@@ -381,6 +401,8 @@ def _insert_items(session: Session, plan: _Plan, *, where: ColumnElement[bool], 
         at = _scheduled_at(plan, due_date, tz_value, action)
         rows.append({"due_date": due_date, "tz": tz_value, "scheduled_at": at.replace(tzinfo=None)})
     session.execute(insert(_slots), rows)
+    if dialect_name(session) == "postgresql":
+        session.execute(text(f"ANALYZE {_slots.name}"))
 
     now = plan.now
     batch = uuid.uuid4().hex  # marks exactly this statement's rows, for their log entries
@@ -403,9 +425,9 @@ def _insert_items(session: Session, plan: _Plan, *, where: ColumnElement[bool], 
             literal(now, type_=QueueItem.created_at.type),
             literal(now, type_=QueueItem.updated_at.type),
         )
-        .select_from(Account)
-        .join(_slots, and_(_slots.c.due_date == due, _slots.c.tz == tz))
-        .where(where)
+        .select_from(_candidates)
+        .join(Account, Account.id == _candidates.c.account_id)
+        .join(_slots, and_(_slots.c.due_date == _candidates.c.due_date, _slots.c.tz == _candidates.c.tz))
     )
     stmt = (
         insert_for(session, QueueItem.__table__)
