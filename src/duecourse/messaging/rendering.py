@@ -13,6 +13,7 @@ import operator
 from dataclasses import dataclass
 from datetime import date
 from decimal import Decimal
+from functools import lru_cache
 from typing import Any
 
 from jinja2 import StrictUndefined, TemplateError, TemplateSyntaxError, meta
@@ -120,9 +121,15 @@ class RenderError(Exception):
         self.message = message
 
 
+@lru_cache(maxsize=512)
+def _compiled(source: str, html: bool) -> Any:
+    # Compiling is most of the cost of a render; a dispatch renders the same few templates again and again.
+    return _env(html).from_string(source)
+
+
 def render(source: str, context: dict[str, Any], *, field: str, html: bool = False) -> str:
     try:
-        return _env(html).from_string(source).render(context)
+        return _compiled(source, html).render(context)
     except (TemplateError, ArithmeticError, TypeError, ValueError) as exc:
         raise RenderError(field, f"cannot be rendered: {exc}") from None
 
