@@ -476,6 +476,23 @@ def replace_strategy(
     _validate(session, organization_id=org_id, data=top, stages=stages, activating=active)
     _check_name(session, organization_id=org_id, name=data.name, strategy_id=strategy.id)
     old_top, old_stages, old_active = _top_values(strategy), _stage_values(strategy), strategy.active
+    return _store(session, principal=principal, strategy=strategy, now=now, top=top, stages=stages, active=active,
+                  old=(old_top, old_stages, old_active))
+
+
+def _store(
+    session: Session,
+    *,
+    principal: Principal,
+    strategy: Strategy,
+    now: datetime,
+    top: dict[str, Any],
+    stages: list[dict[str, Any]] | None,
+    active: bool,
+    old: tuple[dict[str, Any], list[dict[str, Any]], bool],
+) -> Strategy:
+    """Apply validated values (``stages`` None: keep them) and audit what changed."""
+    old_top, old_stages, old_active = old
     _apply(strategy, top, stages)
     strategy.active = active
     if _record_update(
@@ -516,22 +533,8 @@ def patch_strategy(
     _validate(session, organization_id=org_id, data=top, stages=stages, activating=active)
     if "name" in patch:
         _check_name(session, organization_id=org_id, name=top["name"], strategy_id=strategy.id)
-    _apply(strategy, top, None)
-    strategy.active = active
-    if _record_update(
-        session,
-        principal=principal,
-        strategy=strategy,
-        now=now,
-        old_top=old_top,
-        new_top=top,
-        old_stages=old_stages,
-        new_stages=None,
-        old_active=old_active,
-        new_active=active,
-    ):
-        strategy.updated_at = now
-    return strategy
+    return _store(session, principal=principal, strategy=strategy, now=now, top=top, stages=None, active=active,
+                  old=(old_top, old_stages, old_active))
 
 
 def set_active(
