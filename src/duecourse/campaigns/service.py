@@ -258,6 +258,16 @@ def _detach(
     )
 
 
+def _clear_membership(session: Session, *, organization_id: int, members: ColumnElement[bool], now: datetime) -> None:
+    """The accounts matching ``members`` belong to no campaign any more (after :func:`_detach`)."""
+    session.execute(
+        update(Account)
+        .where(Account.organization_id == organization_id, members)
+        .values(campaign_id=None, campaign_joined_at=None, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+
+
 def delete_campaign(session: Session, *, principal: Principal, campaign_id: int, now: datetime) -> None:
     """Delete: unassign its accounts and cancel their pending items (reason ``campaign_deleted``)."""
     org_id = principal.organization_id
@@ -280,12 +290,7 @@ def delete_campaign(session: Session, *, principal: Principal, campaign_id: int,
         reason="campaign_deleted",
         campaign_id=campaign.id,
     )
-    session.execute(
-        update(Account)
-        .where(Account.organization_id == org_id, members)
-        .values(campaign_id=None, campaign_joined_at=None, updated_at=now)
-        .execution_options(synchronize_session=False)
-    )
+    _clear_membership(session, organization_id=org_id, members=members, now=now)
     audit.record(
         session,
         principal=principal,
@@ -537,12 +542,7 @@ def remove_accounts(
         reason="removed_from_campaign",
         campaign_id=campaign.id,
     )
-    session.execute(
-        update(Account)
-        .where(Account.organization_id == org_id, members)
-        .values(campaign_id=None, campaign_joined_at=None, updated_at=now)
-        .execution_options(synchronize_session=False)
-    )
+    _clear_membership(session, organization_id=org_id, members=members, now=now)
     audit.record(
         session,
         principal=principal,
