@@ -13,6 +13,13 @@ from sqlalchemy.exc import IntegrityError
 
 from duecourse import __version__
 from duecourse.campaigns.api import router as campaigns_router
+from duecourse.channels.api import hooks as webhooks_router
+from duecourse.channels.api import router as channels_router
+from duecourse.channels.email_api import public_router as unsubscribe_router
+from duecourse.channels.email_api import router as email_router
+from duecourse.channels.twilio_api import router as twilio_router
+from duecourse.channels.voice_api import router as voice_router
+from duecourse.events.api import router as events_router
 from duecourse.clock import Clock, SystemClock
 from duecourse.config import Settings, get_settings
 from duecourse.db import Database
@@ -100,7 +107,14 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None, 
             return JSONResponse({"status": "unavailable", "detail": "database not migrated"}, status_code=503)
         return JSONResponse({"status": "ready", "database": app.state.db.dialect, "revision": revision})
 
-    routers = (tenancy_router, ledger_router, imports_router, strategies_router, campaigns_router, messaging_router, engine_router)
+    routers = (
+        tenancy_router, ledger_router, imports_router, strategies_router, campaigns_router, messaging_router,
+        engine_router, channels_router, webhooks_router, email_router, twilio_router, voice_router, events_router,
+    )
     for router in routers:
         app.include_router(router, prefix=API_PREFIX)
+    app.include_router(unsubscribe_router)
+    from duecourse.web.pages import router as pages_router
+
+    app.include_router(pages_router)
     return app

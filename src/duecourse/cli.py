@@ -91,7 +91,9 @@ def serve(
     if engine:
         from duecourse.engine.runner import start_background
 
-        start_background(web.state.db, web.state.clock)
+        from duecourse.channels.registry import Providers
+
+        start_background(web.state.db, web.state.clock, providers=Providers(settings))
     console.print(f"duecourse is running at [bold]http://{host}:{port}/[/bold]  (API docs: http://{host}:{port}/api/docs)")
     uvicorn.run(web, host=host, port=port, log_level="info")
 
@@ -184,7 +186,9 @@ def tick(
     settings = get_settings()
     db = Database(settings.database_url)
     try:
-        totals = run_tick(db, now=when)
+        from duecourse.channels.registry import Providers
+
+        totals = run_tick(db, now=when, providers=Providers(settings))
     finally:
         db.dispose()
     console.print(f"tick at {when.isoformat()}: {totals}")

@@ -24,6 +24,19 @@ class Settings(BaseSettings):
         default="change-me-in-production",
         description="Signs session cookies and CSRF tokens. Set a long random value in production.",
     )
+    encryption_key: str | None = Field(
+        default=None,
+        description="Encrypts provider credentials at rest (a Fernet key, or any long random text). "
+        "Defaults to a key derived from secret_key; set it separately to rotate one without the other.",
+    )
+    public_url: str = Field(
+        default="http://127.0.0.1:8000",
+        description="The address debtors and providers reach this app at: unsubscribe links and "
+        "provider callbacks are built on it.",
+    )
+    provider_timeout_seconds: float = Field(
+        default=10.0, description="Longest wait for a provider (SMTP, messaging API, voice service) per send."
+    )
     host: str = "127.0.0.1"
     port: int = 8000
     debug: bool = False

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from duecourse.campaigns.models import Campaign
 from duecourse.channels.base import OutboundMessage, Provider, ProviderError
-from duecourse.channels.sandbox import SandboxProvider
+from duecourse.channels.registry import Providers
 from duecourse.db.dialect import dialect_name
 from duecourse.engine.assign import campaigns_enqueueable
 from duecourse.engine.cases import advance, log_event, refresh_account_tab
@@ -48,10 +48,8 @@ WAITS_FOR_OUTCOME = ("voice", "phone_call", "escalation")
 
 ProviderFactory = Callable[[Session, datetime, int, str], Provider]
 
-
-def sandbox_providers(session: Session, now: datetime, organization_id: int, channel: str) -> Provider:
-    """The embedded default: every channel goes to the sandbox outbox."""
-    return SandboxProvider(session, now)
+# Every channel into the sandbox outbox, whatever the organization configured (tests, simulation).
+sandbox_providers = Providers(sandbox_only=True)
 
 
 def paused_organizations(session: Session) -> list[int]:
@@ -279,16 +277,36 @@ def _dispatch_rules(ctx: _Ctx) -> str | None:
     return None
 
 
-def _render(ctx: _Ctx) -> tuple[str | None, str, str | None]:
+def _render(ctx: _Ctx, unsubscribe: str | None) -> tuple[str | None, str, str | None]:
     stage = ctx.strategy.stages[ctx.item.stage_index] if ctx.strategy else None
     template = ctx.session.get(Template, stage.template_id) if stage and stage.template_id else None
     if template is None:
         return None, "", None
-    context = account_context_for(ctx.session, organization_id=ctx.org.id, account_id=ctx.account.id, now=ctx.now)
+    context = account_context_for(ctx.session, organization_id=ctx.org.id, account_id=ctx.account.id, now=ctx.now,
+                                  unsubscribe_link=unsubscribe)
     subject = rendering.render(template.subject, context, field="subject") if template.subject else None
     text = rendering.render(template.body_text, context, field="body_text")
     html = rendering.render(template.body_html, context, field="body_html", html=True) if template.body_html else None
     return subject, text, html
+
+
+def _message_context(ctx: _Ctx, unsubscribe: str | None) -> dict[str, Any]:
+    """What an adapter may need beyond the rendered text: the voice agent's debtor context (§4.8),
+    the email's unsubscribe link (RFC 8058 headers)."""
+    a = ctx.account
+    return {
+        "queue_item_id": ctx.item.id,
+        "debtor_name": a.name,
+        "account_external_id": a.external_id,
+        "balance": str(a.balance),
+        "currency": a.currency,
+        "carrying_invoice_id": a.carrying_invoice_id,
+        "stage_index": ctx.item.stage_index,
+        "tone": ctx.item.tone,
+        "language": a.language,
+        "timezone": a.timezone or ctx.org.timezone,
+        "unsubscribe_url": unsubscribe,
+    }
 
 
 def _dispatch(ctx: _Ctx, providers: ProviderFactory) -> str:
@@ -298,13 +316,16 @@ def _dispatch(ctx: _Ctx, providers: ProviderFactory) -> str:
     provider_ref: str | None = None
     status = InteractionStatus.sent
     if channel in CONTACT_CHANNELS:
+        link = getattr(providers, "unsubscribe_link", None)
+        unsubscribe = link(organization_id=ctx.org.id, account_id=a.id, channel=channel) if link else None
         try:
-            subject, text, html = _render(ctx)
+            subject, text, html = _render(ctx, unsubscribe)
         except rendering.RenderError as exc:
             return _fail(ctx, f"template: {exc}", retryable=False)
         message = OutboundMessage(
             organization_id=ctx.org.id, account_id=a.id, channel=channel, to=getattr(a, ADDRESS[channel]),
             body_text=text, subject=subject, body_html=html, tone=item.tone, idempotency_key=f"qi-{item.id}",
+            context=_message_context(ctx, unsubscribe),
         )
         try:
             provider_ref = providers(s, ctx.now, ctx.org.id, channel).send(message).provider_ref

@@ -12,10 +12,11 @@ from datetime import datetime
 
 from sqlalchemy import select
 
+from duecourse.channels.registry import Providers
 from duecourse.clock import Clock
 from duecourse.db import Database
 from duecourse.engine.cycle import run_scheduled
-from duecourse.engine.dispatch import run_due
+from duecourse.engine.dispatch import ProviderFactory, run_due
 from duecourse.tenancy.models import Organization
 from duecourse.tenancy.service import get_settings
 
@@ -55,9 +56,12 @@ def run_loop(
     worker: bool,
     poll_seconds: float = 5.0,
     stop: threading.Event | None = None,
+    providers: ProviderFactory | None = None,
 ) -> None:
-    """Run the scheduler and/or the worker until ``stop`` is set (or forever)."""
+    """Run the scheduler and/or the worker until ``stop`` is set (or forever). Messages go through
+    each organization's configured providers (the sandbox where none is configured)."""
     stop = stop or threading.Event()
+    providers = providers or Providers()
     name = worker_name("engine")
     last_run: dict[int, datetime] = {}
     while not stop.is_set():
@@ -66,7 +70,7 @@ def run_loop(
             if scheduler:
                 scheduler_pass(db, now=clock.now(), worker=name, last_run=last_run)
             if worker:
-                counts = run_due(db, now=clock.now(), worker=name)
+                counts = run_due(db, now=clock.now(), worker=name, providers=providers)
                 if counts:
                     log.info("worker %s", counts)
         except Exception:  # noqa: BLE001 - a failed pass is logged and retried on the next one
@@ -74,11 +78,13 @@ def run_loop(
         stop.wait(max(0.0, poll_seconds - (time.monotonic() - started)))
 
 
-def start_background(db: Database, clock: Clock, *, poll_seconds: float = 5.0) -> threading.Event:
+def start_background(
+    db: Database, clock: Clock, *, poll_seconds: float = 5.0, providers: ProviderFactory | None = None
+) -> threading.Event:
     """The embedded engine: scheduler and worker in a daemon thread. Set the returned event to stop."""
     stop = threading.Event()
     thread = threading.Thread(
-        target=run_loop, args=(db, clock), kwargs={"scheduler": True, "worker": True, "poll_seconds": poll_seconds, "stop": stop},
+        target=run_loop, args=(db, clock), kwargs={"scheduler": True, "worker": True, "poll_seconds": poll_seconds, "stop": stop, "providers": providers},
         name="duecourse-engine", daemon=True,
     )
     thread.start()

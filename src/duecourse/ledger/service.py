@@ -606,7 +606,9 @@ def invoice_view(i: Invoice) -> dict[str, Any]:
 # ---------------------------------------------------------------- payments
 
 
-def create_payment(session: Session, *, organization_id: int, data: PaymentIn, now: datetime) -> Payment:
+def create_payment(
+    session: Session, *, organization_id: int, data: PaymentIn, now: datetime, source: str | None = None
+) -> Payment:
     """Record a payment and allocate it: its named invoice first, then the oldest open invoices; the rest is credit."""
     account = _resolve_account(
         session, organization_id=organization_id, account_id=data.account_id, account_external_id=data.account_external_id
@@ -646,7 +648,7 @@ def create_payment(session: Session, *, organization_id: int, data: PaymentIn, n
         amount=amount,
         currency=account.currency,
         paid_on=paid_on,
-        source=PaymentSource(data.source),
+        source=PaymentSource(source or data.source),
         reference=data.reference,
         unallocated=amount,
         created_at=now,

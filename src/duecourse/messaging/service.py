@@ -171,7 +171,7 @@ def preview_links(external_id: str) -> tuple[str, str]:
 
 
 def account_context_for(
-    session: Session, *, organization_id: int, account_id: int, now: datetime
+    session: Session, *, organization_id: int, account_id: int, now: datetime, unsubscribe_link: str | None = None
 ) -> dict[str, Any]:
     account = session.scalar(scoped(Account, organization_id).where(Account.id == account_id))
     if account is None:
@@ -195,7 +195,7 @@ def account_context_for(
         invoice_due_date=invoice.due_date if invoice else None,
         today=today,
         payment_link=pay,
-        unsubscribe_link=unsubscribe,
+        unsubscribe_link=unsubscribe_link or unsubscribe,
         organization_name=org.name,
     )
 

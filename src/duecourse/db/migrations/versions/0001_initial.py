@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-22 19:31:41.567797
+Create Date: 2026-11-22 20:36:33.373092
 """
 
 from __future__ import annotations
@@ -26,6 +26,19 @@ def upgrade() -> None:
     sa.Column('base_currency', sa.String(length=3), nullable=False),
     sa.Column('created_at', sa.DateTime(), nullable=False),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_organizations'))
+    )
+    op.create_table('channel_configs',
+    sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=True, nullable=False),
+    sa.Column('organization_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('channel', sa.String(length=16), nullable=False),
+    sa.Column('provider', sa.String(length=16), nullable=False),
+    sa.Column('settings', sa.JSON(), nullable=False),
+    sa.Column('secrets_encrypted', sa.Text(), nullable=True),
+    sa.Column('created_at', sa.DateTime(), nullable=False),
+    sa.Column('updated_at', sa.DateTime(), nullable=False),
+    sa.ForeignKeyConstraint(['organization_id'], ['organizations.id'], name=op.f('fk_channel_configs_organization_id_organizations'), ondelete='CASCADE'),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_channel_configs')),
+    sa.UniqueConstraint('organization_id', 'channel', name='uq_channel_configs_org_channel')
     )
     op.create_table('organization_settings',
     sa.Column('organization_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
@@ -81,6 +94,16 @@ def upgrade() -> None:
     with op.batch_alter_table('users', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_users_organization_id'), ['organization_id'], unique=False)
 
+    op.create_table('webhook_receipts',
+    sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=True, nullable=False),
+    sa.Column('organization_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('source', sa.String(length=32), nullable=False),
+    sa.Column('event_id', sa.String(length=200), nullable=False),
+    sa.Column('received_at', sa.DateTime(), nullable=False),
+    sa.ForeignKeyConstraint(['organization_id'], ['organizations.id'], name=op.f('fk_webhook_receipts_organization_id_organizations'), ondelete='CASCADE'),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_webhook_receipts')),
+    sa.UniqueConstraint('organization_id', 'source', 'event_id', name='uq_webhook_receipts_event')
+    )
     op.create_table('api_keys',
     sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=True, nullable=False),
     sa.Column('organization_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
@@ -576,6 +599,7 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f('ix_api_keys_organization_id'))
 
     op.drop_table('api_keys')
+    op.drop_table('webhook_receipts')
     with op.batch_alter_table('users', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_users_organization_id'))
 
@@ -586,5 +610,6 @@ def downgrade() -> None:
     op.drop_table('templates')
     op.drop_table('scheduler_claims')
     op.drop_table('organization_settings')
+    op.drop_table('channel_configs')
     op.drop_table('organizations')
     # ### end Alembic commands ###

@@ -1,0 +1,45 @@
+"""Links placed in messages (SPEC §7): the signed unsubscribe link of every message.
+
+The token names the organization, the account and the channel and is signed with the process's
+secret key, so nobody can unsubscribe an account they were not sent. Unsubscribe links never
+expire: a debtor who opts out from an old message must still be heard.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from itsdangerous import BadSignature, URLSafeSerializer
+
+_SALT = "duecourse-unsubscribe"
+
+
+@dataclass(frozen=True)
+class UnsubscribeTarget:
+    organization_id: int
+    account_id: int
+    channel: str
+
+
+def _serializer(secret_key: str) -> URLSafeSerializer:
+    return URLSafeSerializer(secret_key, salt=_SALT)
+
+
+def unsubscribe_token(secret_key: str, *, organization_id: int, account_id: int, channel: str) -> str:
+    return _serializer(secret_key).dumps([organization_id, account_id, channel])
+
+
+def read_unsubscribe_token(secret_key: str, token: str) -> UnsubscribeTarget | None:
+    """The target of a token, or None when it is forged or damaged."""
+    try:
+        org_id, account_id, channel = _serializer(secret_key).loads(token)
+    except (BadSignature, ValueError, TypeError):
+        return None
+    if not isinstance(org_id, int) or not isinstance(account_id, int) or not isinstance(channel, str):
+        return None
+    return UnsubscribeTarget(org_id, account_id, channel)
+
+
+def unsubscribe_url(public_url: str, secret_key: str, *, organization_id: int, account_id: int, channel: str) -> str:
+    token = unsubscribe_token(secret_key, organization_id=organization_id, account_id=account_id, channel=channel)
+    return f"{public_url.rstrip('/')}/unsubscribe/{token}"
