@@ -66,4 +66,4 @@ def receive_once(session: Session, *, organization_id: int, source: str, event_i
         .values(organization_id=organization_id, source=source, event_id=event_id, received_at=now)
         .on_conflict_do_nothing(index_elements=["organization_id", "source", "event_id"])
     )
-    return (session.execute(stmt).rowcount or 0) == 1
+    return (session.execute(stmt.execution_options(preserve_rowcount=True)).rowcount or 0) == 1
