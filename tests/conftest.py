@@ -99,6 +99,16 @@ def db(request: pytest.FixtureRequest, _backends: _Backends) -> Iterator[Databas
     _wipe(database)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_provider_breakers() -> Iterator[None]:
+    """The dispatcher remembers failing providers per process; every test starts with none."""
+    from duecourse.engine import dispatch
+
+    dispatch._BREAKERS.clear()
+    yield
+    dispatch._BREAKERS.clear()
+
+
 @pytest.fixture
 def clock() -> FixedClock:
     return FixedClock(T0)

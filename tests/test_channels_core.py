@@ -127,6 +127,7 @@ def test_signed_delivery_webhook_fails_the_delivery_once(db, org, app, clock):
     assert replay.json() == {"result": "duplicate"}
     with db.transaction() as s:
         assert [e[0] for e in log(s, aid)].count("delivery_failed") == 1
+        assert s.get(Account, aid).email_invalid  # a hard bounce flags the address
         assert [(i[0], i[1]) for i in items(s, aid)] == [(0, "completed"), (1, "pending")]
     # Another organization's secret does not open this organization's webhook.
     assert org.client.post(f"/api/v1/webhooks/999999/delivery", json=event).status_code in (401, 404)

@@ -56,7 +56,7 @@ def load_demo(session: Session, *, now: datetime, accounts: int = 60, seed: int 
     tenancy.update_settings(
         session,
         principal=Principal.system(org.id),
-        patch={"automation": {"auto_enqueue": True}},
+        patch={"automation": {"auto_enqueue": True}, "sandbox": {"simulate_outcomes": True, "seed": seed}},
         now=now,
     )
 

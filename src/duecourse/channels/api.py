@@ -37,7 +37,7 @@ Admin = requires(Permission.manage_settings)
 class ChannelConfigIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     provider: str = Field(description="sandbox | smtp (email) | twilio (sms, whatsapp) | voice_http (voice)")
-    settings: dict[str, Any] = Field(default_factory=dict, description="The provider's settings (see docs/channels.md)")
+    settings: dict[str, Any] = Field(default_factory=dict, description="The provider's settings (see docs/channels.md and docs/channels/)")
     secrets: dict[str, str | None] = Field(
         default_factory=dict, description="Credentials; one left out keeps its stored value, empty removes it"
     )

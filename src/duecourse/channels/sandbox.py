@@ -13,6 +13,8 @@ from duecourse.channels.models import SandboxMessage
 
 
 class SandboxProvider:
+    in_transaction = True  # writes its outbox row in the dispatch's own transaction
+
     def __init__(self, session: Session, now: datetime) -> None:
         self.session = session
         self.now = now

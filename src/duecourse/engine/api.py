@@ -6,16 +6,15 @@ execution log is append-only. The API therefore reads them; it does not edit or 
 
 from __future__ import annotations
 
-from datetime import datetime, time
+from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import func, select
 
 from duecourse.campaigns.models import Campaign
 from duecourse.deps import AppClock, DbSession, Reader, requires
-from duecourse.engine import outcomes
+from duecourse.engine import kpis, outcomes
 from duecourse.engine.enqueue import enqueue
 from duecourse.engine.models import ExecutionLogEntry, Interaction, QueueItem, QueueStatus, Task, TaskStatus
 from duecourse.engine.outcomes import CallReport
@@ -30,14 +29,12 @@ from duecourse.engine.schemas import (
     TaskOut,
     TaskOutcomeIn,
 )
-from duecourse.engine.timing import at_local, local_date
 from duecourse.errors import ValidationFailed
 from duecourse.pagination import Page, PageParams, paginate
 from duecourse.strategies.models import ActionType
-from duecourse.tenancy.models import Organization
 from duecourse.tenancy.principal import Permission, Principal
 from duecourse.tenancy.scope import get_owned, scoped
-from duecourse.tenancy.service import get_settings, update_settings
+from duecourse.tenancy.service import update_settings
 
 router = APIRouter(tags=["engine records"])
 
@@ -160,32 +157,7 @@ class EnqueueIn(BaseModel):
 
 @router.get("/engine/kpis", summary="Execution KPIs (SPEC §8): pending, processing, completed/failed/skipped today")
 def engine_kpis(principal: Reader, session: DbSession, clock: AppClock) -> dict[str, Any]:
-    org = session.get(Organization, principal.organization_id)
-    assert org is not None
-    now = clock.now()
-    start = at_local(local_date(now, org.timezone), time(0, 0), org.timezone)
-    org_items = QueueItem.organization_id == org.id
-    live = dict(
-        session.execute(
-            select(QueueItem.status, func.count()).where(org_items, QueueItem.status.in_(["pending", "processing"])).group_by(QueueItem.status)
-        ).all()
-    )
-    today = dict(
-        session.execute(
-            select(QueueItem.status, func.count())
-            .where(org_items, QueueItem.status.in_(["completed", "failed", "skipped"]), QueueItem.finished_at >= start)
-            .group_by(QueueItem.status)
-        ).all()
-    )
-    return {
-        "pending": live.get("pending", 0),
-        "processing": live.get("processing", 0),
-        "completed_today": today.get("completed", 0),
-        "failed_today": today.get("failed", 0),
-        "skipped_today": today.get("skipped", 0),
-        "engine_paused": get_settings(session, org.id).automation.engine_paused,
-        "since": start,
-    }
+    return kpis.engine_kpis(session, organization_id=principal.organization_id, now=clock.now())
 
 
 def _set_paused(session: Any, principal: Principal, paused: bool, now: Any) -> dict[str, Any]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
@@ -62,6 +64,26 @@ def advance(session: Session, account: Account, *, completed_stage: int, stage_c
 
 
 def refresh_account_tab(session: Session, account: Account) -> None:
+    """Recompute the account's auto-collection tab (§6). Inside :func:`tabs_refreshed_at_end` the
+    accounts are collected and refreshed together, in one statement per organization."""
+    deferred = session.info.get("deferred_tab_refresh")
+    if deferred is not None:
+        deferred.setdefault(account.organization_id, set()).add(account.id)
+        return
     session.flush()
     exclusions = get_settings(session, account.organization_id).exclusions
     refresh_tabs(session, organization_id=account.organization_id, exclusions=exclusions, account_ids=[account.id])
+
+
+@contextmanager
+def tabs_refreshed_at_end(session: Session) -> Iterator[None]:
+    """Batch the tab refreshes of the block (a dispatch batch touches hundreds of accounts)."""
+    session.info["deferred_tab_refresh"] = deferred = {}
+    try:
+        yield
+    finally:
+        session.info.pop("deferred_tab_refresh", None)
+    session.flush()
+    for organization_id, ids in deferred.items():
+        exclusions = get_settings(session, organization_id).exclusions
+        refresh_tabs(session, organization_id=organization_id, exclusions=exclusions, account_ids=sorted(ids))

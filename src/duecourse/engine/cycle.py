@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from duecourse.campaigns.models import Campaign, CampaignStatus
 from duecourse.campaigns.service import transition
+from duecourse.channels.simulated import simulate_outcomes
 from duecourse.db import Database
 from duecourse.db.dialect import insert_for
 from duecourse.engine.assign import assign_by_trigger, campaigns_enqueueable
@@ -67,6 +68,8 @@ def run_scheduled(session: Session, *, org: Organization, now: datetime, worker:
     counts["step_timeouts"] = expire_step_timeouts(session, organization_id=org.id, now=now)
     counts["campaigns_completed"] = complete_ended_campaigns(session, org=org, now=now, worker=worker)
     settings = get_settings(session, org.id)
+    if settings.sandbox.simulate_outcomes:  # demo: the sandbox's messages get outcomes, like webhooks (even while paused)
+        counts.update(simulate_outcomes(session, organization_id=org.id, now=now))
     if settings.automation.engine_paused:
         return counts
     strategies = session.scalars(

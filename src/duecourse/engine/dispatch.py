@@ -5,11 +5,23 @@ one writer), then handles each item in its own transaction: re-validation, the d
 send, the interaction and the case's advance commit together or not at all. A lease that expires
 (its worker died) makes the item claimable again; the provider sees the same idempotency key, so a
 message known to be sent is not sent twice.
+
+A claimed batch is handled in one transaction (one commit for up to ``batch`` items). Providers that
+write in the database (the sandbox) send inside it. Providers that talk to the network never do:
+their messages are rendered in the batch transaction, sent afterwards with no transaction open
+(one thread per organization and channel, so a slow provider holds up only its own messages), their
+provider references journaled at once, and the interaction and case advance recorded in a second
+transaction. An item whose send is journaled is never sent again, even if its worker dies before
+recording it. A provider that fails with a retryable error stops being called for its organization
+and channel for a cool-down; its items wait without spending attempts.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Callable
 
@@ -21,7 +33,7 @@ from duecourse.channels.base import OutboundMessage, Provider, ProviderError
 from duecourse.channels.registry import Providers
 from duecourse.db.dialect import dialect_name
 from duecourse.engine.assign import campaigns_enqueueable
-from duecourse.engine.cases import advance, log_event, refresh_account_tab
+from duecourse.engine.cases import advance, log_event, refresh_account_tab, tabs_refreshed_at_end
 from duecourse.engine.metrics import DISPATCH_SECONDS, DISPATCHES
 from duecourse.engine.models import (
     Direction,
@@ -36,13 +48,17 @@ from duecourse.engine.timing import earliest_within_limit, into_allowed_hours, i
 from duecourse.ledger.models import CONTACTABLE_STATUSES, Account, AccountStatus, CollectionTab
 from duecourse.messaging import rendering
 from duecourse.messaging.models import Template
-from duecourse.messaging.service import account_context_for
+from duecourse.messaging.service import account_context_for, variant_for
 from duecourse.strategies.models import Strategy
 from duecourse.tenancy.models import Organization, OrganizationSettings
 from duecourse.tenancy.service import get_settings
 from duecourse.tenancy.settings import OrgSettings
 
+log = logging.getLogger("duecourse.engine.dispatch")
+
 CONTACT_CHANNELS = ("email", "sms", "whatsapp", "voice")
+INVALID_FLAG = {"email": "email_invalid", "sms": "phone_invalid", "whatsapp": "whatsapp_invalid", "voice": "phone_invalid"}
+BREAKER_SECONDS = 60
 ADDRESS = {"email": "email", "sms": "phone", "whatsapp": "whatsapp", "voice": "phone"}
 WAITS_FOR_OUTCOME = ("voice", "phone_call", "escalation")
 
@@ -114,10 +130,49 @@ class _Ctx:
     now: datetime
 
 
+@dataclass
+class _Send:
+    """A message rendered in the batch transaction, to be sent after it commits."""
+
+    item_id: int
+    organization_id: int
+    channel: str
+    provider: Provider
+    message: OutboundMessage
+    provider_ref: str | None = None
+    error: ProviderError | None = None
+
+
+@dataclass
+class _Batch:
+    """What one batch shares: messages waiting for the network, accounts already being written to."""
+
+    sends: list[_Send] = field(default_factory=list)
+    busy_accounts: set[int] = field(default_factory=set)
+
+
+def _get(session: Session, model: Any, ident: int) -> Any:
+    """``session.get`` that holds on to the object for the rest of the session. The identity map
+    keeps only objects something refers to, and a batch needs the same organization, strategy and
+    template for item after item."""
+    keep = session.info.setdefault("dispatch_keep", {})
+    key = (model, ident)
+    if key not in keep:
+        keep[key] = session.get(model, ident)
+    return keep[key]
+
+
+# (organization, channel) -> until when its provider is left alone after a retryable failure.
+_BREAKERS: dict[tuple[int, str], datetime] = {}
+
+
 def process_item(
-    session: Session, *, item_id: int, now: datetime, worker: str, providers: ProviderFactory = sandbox_providers
+    session: Session, *, item_id: int, now: datetime, worker: str, providers: ProviderFactory = sandbox_providers,
+    batch: _Batch | None = None,
 ) -> str:
-    """Handle one claimed item as one unit of work. Returns what happened (for counters and tests)."""
+    """Handle one claimed item as one unit of work. Returns what happened (for counters and tests).
+    With ``batch``, a message for a network provider is rendered and left in ``batch.sends`` (outcome
+    ``sending``); without it, it is sent at once inside this transaction."""
     item = session.scalar(
         select(QueueItem)
         .where(QueueItem.id == item_id, QueueItem.status == QueueStatus.processing.value, QueueItem.claimed_by == worker)
@@ -126,10 +181,19 @@ def process_item(
     if item is None:
         return "lost"  # the lease expired and another worker has it now
     account = session.scalar(select(Account).where(Account.id == item.account_id).with_for_update())
-    org = session.get(Organization, item.organization_id)
+    org = _get(session, Organization, item.organization_id)
     assert account is not None and org is not None
-    ctx = _Ctx(session, item, account, org, get_settings(session, org.id), session.get(Strategy, item.strategy_id) if item.strategy_id else None, now)
+    ctx = _Ctx(session, item, account, org, get_settings(session, org.id),
+               _get(session, Strategy, item.strategy_id) if item.strategy_id else None, now)
 
+    if item.sent_at is not None and item.provider_ref is not None:
+        # Journaled as sent by a worker that died before recording it: record it, never send again.
+        return _record_sent(ctx, item.provider_ref)
+    if batch is not None and account.id in batch.busy_accounts:
+        # Another item of this account is on its way out in this batch: the frequency limits and the
+        # stage order must see it first, so this one waits for the next batch.
+        _release(ctx)
+        return "released"
     if ctx.settings.automation.engine_paused:
         _release(ctx)
         return "released"
@@ -140,7 +204,10 @@ def process_item(
         refused = _dispatch_rules(ctx)
         if refused is not None:
             return refused
-    return _dispatch(ctx, providers)
+    outcome = _dispatch(ctx, providers, batch)
+    if outcome == "sending" and batch is not None:
+        batch.busy_accounts.add(account.id)
+    return outcome
 
 
 def _release(ctx: _Ctx) -> None:
@@ -249,6 +316,8 @@ def _dispatch_rules(ctx: _Ctx) -> str | None:
         return _skip(ctx, "opt_out", advance_case=True)
     if not getattr(a, ADDRESS[channel]):
         return _skip(ctx, "no_contact_info", advance_case=True)
+    if getattr(a, INVALID_FLAG[channel]):
+        return _skip(ctx, "invalid_contact_info", advance_case=True)
     tz = a.timezone or ctx.org.timezone
     hours = ctx.settings.dispatch.allowed_hours[channel]
     contacts = ctx.session.execute(
@@ -279,11 +348,13 @@ def _dispatch_rules(ctx: _Ctx) -> str | None:
 
 def _render(ctx: _Ctx, unsubscribe: str | None) -> tuple[str | None, str, str | None]:
     stage = ctx.strategy.stages[ctx.item.stage_index] if ctx.strategy else None
-    template = ctx.session.get(Template, stage.template_id) if stage and stage.template_id else None
+    template = _get(ctx.session, Template, stage.template_id) if stage and stage.template_id else None
     if template is None:
         return None, "", None
+    if ctx.item.tone:
+        template = variant_for(ctx.session, template, str(ctx.item.tone))  # §4.8: e.g. empathetic after a hostile call
     context = account_context_for(ctx.session, organization_id=ctx.org.id, account_id=ctx.account.id, now=ctx.now,
-                                  unsubscribe_link=unsubscribe)
+                                  unsubscribe_link=unsubscribe, account=ctx.account, org=ctx.org)
     subject = rendering.render(template.subject, context, field="subject") if template.subject else None
     text = rendering.render(template.body_text, context, field="body_text")
     html = rendering.render(template.body_html, context, field="body_html", html=True) if template.body_html else None
@@ -309,60 +380,121 @@ def _message_context(ctx: _Ctx, unsubscribe: str | None) -> dict[str, Any]:
     }
 
 
-def _dispatch(ctx: _Ctx, providers: ProviderFactory) -> str:
+def _dispatch(ctx: _Ctx, providers: ProviderFactory, batch: _Batch | None = None) -> str:
     item, a, s = ctx.item, ctx.account, ctx.session
     channel = str(item.action)
-    stage_count = len(ctx.strategy.stages) if ctx.strategy else 0
     provider_ref: str | None = None
     status = InteractionStatus.sent
     if channel in CONTACT_CHANNELS:
+        until = _BREAKERS.get((ctx.org.id, channel))
+        if until is not None and until > ctx.now:
+            return _hold(ctx, until)
         link = getattr(providers, "unsubscribe_link", None)
         unsubscribe = link(organization_id=ctx.org.id, account_id=a.id, channel=channel) if link else None
         try:
             subject, text, html = _render(ctx, unsubscribe)
         except rendering.RenderError as exc:
-            return _fail(ctx, f"template: {exc}", retryable=False)
+            return _fail(ctx, f"template: {exc}", retryable=False, reason="template_error")
         message = OutboundMessage(
             organization_id=ctx.org.id, account_id=a.id, channel=channel, to=getattr(a, ADDRESS[channel]),
             body_text=text, subject=subject, body_html=html, tone=item.tone, idempotency_key=f"qi-{item.id}",
             context=_message_context(ctx, unsubscribe),
         )
         try:
-            provider_ref = providers(s, ctx.now, ctx.org.id, channel).send(message).provider_ref
+            provider = providers(s, ctx.now, ctx.org.id, channel)
+        except Exception as exc:  # noqa: BLE001 - unreadable credentials, a broken configuration
+            return _fail(ctx, f"provider configuration: {exc}", retryable=False, reason="provider_configuration")
+        if batch is not None and not getattr(provider, "in_transaction", False):
+            # Sent after this transaction commits; the lease covers the wait for the network.
+            item.lease_expires_at = ctx.now + timedelta(seconds=300 + len(batch.sends) * 30)
+            batch.sends.append(_Send(item.id, ctx.org.id, channel, provider, message))
+            return "sending"
+        try:
+            provider_ref = provider.send(message).provider_ref
         except ProviderError as exc:
-            return _fail(ctx, str(exc), retryable=exc.retryable)
-    elif channel in ("phone_call", "escalation"):
+            return _provider_failed(ctx, exc)
+        return _record_sent(ctx, provider_ref)
+    if channel in ("phone_call", "escalation"):
         s.add(Task(organization_id=ctx.org.id, account_id=a.id, queue_item_id=item.id, kind=channel,
                    status=TaskStatus.open, stage_index=item.stage_index, due_at=ctx.now, created_at=ctx.now))
         status = InteractionStatus.queued
     elif channel == "place_on_stop":
         a.on_stop = True
         status = InteractionStatus.completed
+    return _record_sent(ctx, None, status=status)
 
+
+def _record_sent(ctx: _Ctx, provider_ref: str | None, *, status: InteractionStatus = InteractionStatus.sent) -> str:
+    """The stage's action happened: the interaction, the item completed, the case's advance (§4.6)."""
+    item, a, s = ctx.item, ctx.account, ctx.session
+    channel = str(item.action)
+    stage_count = len(ctx.strategy.stages) if ctx.strategy else 0
     s.add(Interaction(
         organization_id=ctx.org.id, account_id=a.id, queue_item_id=item.id, strategy_id=item.strategy_id,
         campaign_id=item.campaign_id, stage_index=item.stage_index, channel=channel, direction=Direction.outbound,
         status=status, provider_ref=provider_ref, occurred_at=ctx.now, created_at=ctx.now,
     ))
     item.provider_ref = provider_ref
-    item.sent_at = ctx.now
+    item.sent_at = item.sent_at or ctx.now
     _finish(ctx, QueueStatus.completed, None)
     a.last_interaction_at = ctx.now
     if a.status in (AccountStatus.pending_contact, AccountStatus.promise_overdue):
         a.status = AccountStatus.in_auto_management
     log_event(s, a, at=ctx.now, event="dispatched", stage_index=item.stage_index, queue_item_id=item.id,
               details={"channel": channel, "provider_ref": provider_ref})
+    if channel in ("escalation", "place_on_stop"):
+        _emit_stage_event(ctx, channel)
     if channel in WAITS_FOR_OUTCOME:
         refresh_account_tab(s, a)  # the stage completes with its outcome (§4.8)
     else:
         advance(s, a, completed_stage=item.stage_index, stage_count=stage_count, org_tz=ctx.org.timezone, now=ctx.now,
                 cause="dispatched")
+    if item.early_report:
+        from duecourse.engine.outcomes import record_delivery
+
+        report, item.early_report = item.early_report, None
+        s.flush()
+        record_delivery(s, organization_id=ctx.org.id, now=ctx.now, status=report["status"], queue_item_id=item.id,
+                        error=report.get("error"))
     return "dispatched"
 
 
-def _fail(ctx: _Ctx, error: str, *, retryable: bool) -> str:
+def _emit_stage_event(ctx: _Ctx, channel: str) -> None:
+    """§7: escalation and place_on_stop stages tell the organization's systems (outbound events)."""
+    from duecourse.events.service import account_data, emit, money
+
+    a = ctx.account
+    emit(ctx.session, organization_id=ctx.org.id, now=ctx.now,
+         type="account.escalated" if channel == "escalation" else "account.placed_on_stop",
+         data={**account_data(a), "balance": money(a.balance, a.currency), "currency": a.currency,
+               "strategy_id": ctx.item.strategy_id, "stage_index": ctx.item.stage_index})
+
+
+def _hold(ctx: _Ctx, until: datetime) -> str:
+    """The channel's provider is cooling down after a failure: wait without spending an attempt."""
+    _release(ctx)
+    ctx.item.scheduled_at = until
+    log_event(ctx.session, ctx.account, at=ctx.now, event="deferred", stage_index=ctx.item.stage_index,
+              queue_item_id=ctx.item.id, reason="provider_unavailable", details={"until": until.isoformat()})
+    return "deferred:provider_unavailable"
+
+
+def _provider_failed(ctx: _Ctx, exc: ProviderError) -> str:
+    if exc.invalid_address:
+        # The provider says the address does not exist: flag it, so no channel keeps trying it.
+        setattr(ctx.account, INVALID_FLAG[str(ctx.item.action)], True)
+        log_event(ctx.session, ctx.account, at=ctx.now, event="contact_invalid", stage_index=ctx.item.stage_index,
+                  queue_item_id=ctx.item.id, reason=f"{ADDRESS[str(ctx.item.action)]}_invalid",
+                  details={"error": str(exc)[:500]})
+    elif exc.retryable:
+        _BREAKERS[(ctx.org.id, str(ctx.item.action))] = ctx.now + timedelta(seconds=BREAKER_SECONDS)
+    return _fail(ctx, str(exc), retryable=exc.retryable)
+
+
+def _fail(ctx: _Ctx, error: str, *, retryable: bool, reason: str = "provider_error") -> str:
     """§4.6 ``failed``: retried with exponential back-off while attempts remain; then the stage ends
-    failed (logged) and the case moves on, so nothing waits forever."""
+    failed (logged) and the case moves on, so nothing waits forever. Returns ``retry:<reason>`` or
+    ``failed:<reason>`` (the metrics count failures by reason, §9)."""
     item, a = ctx.item, ctx.account
     if retryable and item.attempt < item.max_attempts:
         backoff = timedelta(minutes=ctx.settings.dispatch.retry_backoff_minutes * 2 ** (item.attempt - 1))
@@ -371,15 +503,15 @@ def _fail(ctx: _Ctx, error: str, *, retryable: bool) -> str:
         item.error = error
         item.scheduled_at = ctx.now + backoff
         log_event(ctx.session, a, at=ctx.now, event="retry", stage_index=item.stage_index, queue_item_id=item.id,
-                  reason="provider_error", details={"error": error[:500], "attempt": item.attempt, "next_at": item.scheduled_at.isoformat()})
-        return "retry"
-    _finish(ctx, QueueStatus.failed, "provider_error", error=error[:2000])
+                  reason=reason, details={"error": error[:500], "attempt": item.attempt, "next_at": item.scheduled_at.isoformat()})
+        return f"retry:{reason}"
+    _finish(ctx, QueueStatus.failed, reason, error=error[:2000])
     log_event(ctx.session, a, at=ctx.now, event="failed", stage_index=item.stage_index, queue_item_id=item.id,
-              reason="provider_error", details={"error": error[:500], "attempts": item.attempt})
+              reason=reason, details={"error": error[:500], "attempts": item.attempt})
     if ctx.strategy is not None:
         advance(ctx.session, a, completed_stage=item.stage_index, stage_count=len(ctx.strategy.stages),
                 org_tz=ctx.org.timezone, now=ctx.now, cause="failed")
-    return "failed"
+    return f"failed:{reason}"
 
 
 def run_due(
@@ -391,7 +523,7 @@ def run_due(
     providers: ProviderFactory = sandbox_providers,
     organization_id: int | None = None,
 ) -> dict[str, int]:
-    """Claim and process due items until none is left (one transaction per item). Returns counters."""
+    """Claim and process due items until none is left, a batch per transaction. Returns counters."""
     counts: dict[str, int] = {}
     while True:
         with db.transaction() as session:
@@ -399,11 +531,128 @@ def run_due(
             ids = claim(session, now=now, worker=worker, limit=batch, organization_id=organization_id)
         if not ids:
             return counts
-        for item_id in ids:
-            with DISPATCH_SECONDS.time(), db.transaction() as session:
-                outcome = process_item(session, item_id=item_id, now=now, worker=worker, providers=providers)
+        with DISPATCH_SECONDS.time():
+            outcomes = _run_batch(db, ids, now=now, worker=worker, providers=providers)
+        for outcome in outcomes:
             key = outcome.split(":")[0]
             counts[key] = counts.get(key, 0) + 1
             DISPATCHES.labels(outcome=outcome).inc()
 
 
+def _run_batch(db: Any, ids: list[int], *, now: datetime, worker: str, providers: ProviderFactory) -> list[str]:
+    pending = _Batch()
+    try:
+        with db.transaction() as session, tabs_refreshed_at_end(session):
+            outcomes = [process_item(session, item_id=i, now=now, worker=worker, providers=providers, batch=pending)
+                        for i in ids]
+    except Exception:  # noqa: BLE001 - one bad item must not hold the others: redo them one by one
+        log.exception("dispatch batch failed; handling its %d items one at a time", len(ids))
+        pending = _Batch()
+        outcomes = [_one(db, i, now=now, worker=worker, providers=providers, batch=pending) for i in ids]
+    if pending.sends:
+        _send_all(db, pending.sends, now=now)
+        recorded = _record_all(db, pending.sends, now=now, worker=worker)
+        outcomes = [o for o in outcomes if o != "sending"] + recorded
+    return outcomes
+
+
+def _one(db: Any, item_id: int, *, now: datetime, worker: str, providers: ProviderFactory, batch: _Batch) -> str:
+    try:
+        with db.transaction() as session:
+            return process_item(session, item_id=item_id, now=now, worker=worker, providers=providers, batch=batch)
+    except Exception as exc:  # noqa: BLE001
+        log.exception("dispatch of queue item %s failed", item_id)
+        with db.transaction() as session:
+            session.execute(
+                update(QueueItem).where(QueueItem.id == item_id, QueueItem.claimed_by == worker)
+                .values(status=QueueStatus.failed.value, reason="internal_error", error=f"{type(exc).__name__}: {exc}"[:2000],
+                        finished_at=now, updated_at=now, claimed_by=None, lease_expires_at=None)
+            )
+        return "failed:internal_error"
+
+
+def _send_all(db: Any, sends: list[_Send], *, now: datetime) -> None:
+    """Send with no transaction open, one thread per (organization, channel), writing down each
+    accepted send at once. After a retryable failure the rest of that group is not tried: the
+    provider is struggling."""
+    groups: dict[tuple[int, str], list[_Send]] = defaultdict(list)
+    for send in sends:
+        groups[(send.organization_id, send.channel)].append(send)
+
+    def run(group: list[_Send]) -> None:
+        broken: ProviderError | None = None
+        for send in group:
+            if broken is not None:
+                send.error = ProviderError(f"not tried: {broken}", retryable=True)
+                continue
+            try:
+                send.provider_ref = send.provider.send(send.message).provider_ref
+            except ProviderError as exc:
+                send.error = exc
+                broken = exc if exc.retryable else None
+                continue
+            except Exception as exc:  # noqa: BLE001 - an adapter bug is a failed send, not a dead worker
+                log.exception("provider %s raised", type(send.provider).__name__)
+                send.error = ProviderError(f"{type(exc).__name__}: {exc}", retryable=True)
+                broken = send.error
+                continue
+            _journal(db, send, now=now)
+
+    if len(groups) == 1:
+        run(next(iter(groups.values())))
+        return
+    with ThreadPoolExecutor(max_workers=min(8, len(groups)), thread_name_prefix="duecourse-send") as pool:
+        list(pool.map(run, groups.values()))
+
+
+def _journal(db: Any, send: _Send, *, now: datetime) -> None:
+    """Write down that the provider accepted the message, before anything else can fail: a worker
+    that dies now is followed by one that records the send instead of repeating it, and a delivery
+    report that arrives now finds its message."""
+    try:
+        with db.transaction() as session:
+            session.execute(
+                update(QueueItem).where(QueueItem.id == send.item_id)
+                .values(provider_ref=send.provider_ref, sent_at=now, updated_at=now)
+                .execution_options(synchronize_session=False)
+            )
+    except Exception:  # noqa: BLE001 - the record step below still writes it, in its own transaction
+        log.exception("journal of queue item %s failed", send.item_id)
+
+
+def _record_all(db: Any, sends: list[_Send], *, now: datetime, worker: str) -> list[str]:
+    try:
+        with db.transaction() as session, tabs_refreshed_at_end(session):
+            return [_record(session, send, now=now, worker=worker) for send in sends]
+    except Exception:  # noqa: BLE001
+        log.exception("recording %d sends failed; recording them one at a time", len(sends))
+        out = []
+        for send in sends:
+            try:
+                with db.transaction() as session:
+                    out.append(_record(session, send, now=now, worker=worker))
+            except Exception:  # noqa: BLE001 - the journal keeps it; the lease brings it back
+                log.exception("recording queue item %s failed", send.item_id)
+                out.append("lost")
+        return out
+
+
+def _record(session: Session, send: _Send, *, now: datetime, worker: str) -> str:
+    item = session.scalar(
+        select(QueueItem)
+        .where(QueueItem.id == send.item_id, QueueItem.status == QueueStatus.processing.value, QueueItem.claimed_by == worker)
+        .with_for_update()
+    )
+    if item is None:
+        return "lost"
+    account = session.scalar(select(Account).where(Account.id == item.account_id).with_for_update())
+    org = _get(session, Organization, item.organization_id)
+    assert account is not None and org is not None
+    ctx = _Ctx(session, item, account, org, get_settings(session, org.id),
+               _get(session, Strategy, item.strategy_id) if item.strategy_id else None, now)
+    if send.provider_ref is not None:
+        return _record_sent(ctx, send.provider_ref)
+    assert send.error is not None
+    if str(send.error).startswith("not tried: "):
+        return _hold(ctx, now + timedelta(seconds=BREAKER_SECONDS))
+    return _provider_failed(ctx, send.error)

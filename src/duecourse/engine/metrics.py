@@ -13,8 +13,15 @@ from duecourse.db import Database
 from duecourse.engine.models import QueueItem
 
 # Process-wide: what this process's workers did.
-DISPATCHES = Counter("duecourse_dispatch_total", "Queue items handled by this process's workers, by outcome", ["outcome"])
-DISPATCH_SECONDS = Histogram("duecourse_dispatch_seconds", "Time to handle one queue item (re-validation, rules, send, record)")
+DISPATCHES = Counter(
+    "duecourse_dispatch_total",
+    "Queue items handled by this process's workers, by outcome (dispatched, or skipped/cancelled/failed/retry/"
+    "deferred with its reason, e.g. skipped:opt_out, failed:provider_error)",
+    ["outcome"],
+)
+DISPATCH_SECONDS = Histogram(
+    "duecourse_dispatch_seconds", "Time to handle one claimed batch of queue items (re-validation, rules, send, record)"
+)
 
 
 class QueueDepth(Collector):

@@ -103,6 +103,9 @@ class QueueItem(Base):
     claimed_by: Mapped[str | None] = mapped_column(String(100))
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # A delivery report that arrived after the provider accepted the message but before the
+    # dispatch was recorded; applied as soon as it is (§4.8).
+    early_report: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = utc_timestamp()
     updated_at: Mapped[datetime] = utc_timestamp()

@@ -33,6 +33,7 @@ from duecourse.engine.models import (
 from duecourse.engine.stages import scaled_days
 from duecourse.engine.timing import into_allowed_hours, local_date
 from duecourse.errors import Conflict, FieldError, NotFound, ValidationFailed
+from duecourse.events.service import account_data, emit, promise_data
 from duecourse.ledger.derived import refresh_accounts
 from duecourse.ledger.models import (
     Account,
@@ -76,7 +77,15 @@ def _stages(session: Session, strategy_id: int | None) -> list[Stage]:
     return list(strategy.stages) if strategy else []
 
 
-def _item(session: Session, *, organization_id: int, queue_item_id: int | None = None, provider_ref: str | None = None) -> QueueItem:
+def _sent_not_recorded(item: QueueItem) -> bool:
+    """The provider accepted the message (its reference is written down) and the dispatch is being recorded."""
+    return item.status == QueueStatus.processing and item.sent_at is not None and item.provider_ref is not None
+
+
+def _item(
+    session: Session, *, organization_id: int, queue_item_id: int | None = None, provider_ref: str | None = None,
+    early_ok: bool = False,
+) -> QueueItem:
     stmt = select(QueueItem).where(QueueItem.organization_id == organization_id)
     if queue_item_id is not None:
         stmt = stmt.where(QueueItem.id == queue_item_id)
@@ -87,7 +96,7 @@ def _item(session: Session, *, organization_id: int, queue_item_id: int | None =
     item = session.scalar(stmt.with_for_update())
     if item is None:
         raise NotFound("Queue item")
-    if item.status != QueueStatus.completed:
+    if item.status != QueueStatus.completed and not (early_ok and _sent_not_recorded(item)):
         raise Conflict(f"Queue item {item.id} was not dispatched (it is {item.status}); no outcome can be recorded",
                        [FieldError("queue_item_id", "not dispatched")])
     return item
@@ -149,7 +158,12 @@ def record_delivery(
     """A provider's delivery report. ``delivered`` is noted; ``bounced``/``failed``/``undelivered`` is a
     delivery failure (§4.8): the stage is completed with a delivery failure, pending items of the same
     or later stages are cancelled, and the next stage is enqueued at once."""
-    item = _item(session, organization_id=organization_id, queue_item_id=queue_item_id, provider_ref=provider_ref)
+    item = _item(session, organization_id=organization_id, queue_item_id=queue_item_id, provider_ref=provider_ref,
+                 early_ok=True)
+    if item.status != QueueStatus.completed:
+        # Faster than our own bookkeeping: kept on the item and applied when its dispatch is recorded.
+        item.early_report = {"status": status, "error": error}
+        return "pending"
     account = _account(session, item.account_id)
     interaction = session.scalar(select(Interaction).where(Interaction.queue_item_id == item.id).order_by(Interaction.id.desc()))
     if status == "delivered":
@@ -161,8 +175,16 @@ def record_delivery(
         raise ValidationFailed.on("status", "must be delivered, bounced, failed or undelivered")
     if interaction is not None:
         interaction.status = InteractionStatus.bounced if status == "bounced" else InteractionStatus.failed
+    if status == "bounced" and item.action == "email" and not account.email_invalid:
+        # A hard bounce says the address does not exist: flag it (cleared when the address changes).
+        account.email_invalid = True
+        log_event(session, account, at=now, event="contact_invalid", stage_index=item.stage_index,
+                  queue_item_id=item.id, reason="email_invalid", details={"error": error} if error else None)
     log_event(session, account, at=now, event="delivery_failed", stage_index=item.stage_index, queue_item_id=item.id,
               reason=status, details={"error": error} if error else None)
+    emit(session, organization_id=organization_id, type="message.bounced", now=now, data={
+        **account_data(account), "queue_item_id": item.id, "stage_index": item.stage_index, "channel": item.action,
+        "provider_ref": item.provider_ref, "status": status, "error": error})
     if item.case_number != account.case_number:
         return "stale"
     org = _org(session, organization_id)
@@ -377,6 +399,7 @@ def record_task_outcome(session: Session, *, organization_id: int, task_id: int,
 
 def promise_made(session: Session, *, account: Account, promise: Promise, now: datetime) -> None:
     """§4.8: the account becomes ``promise_pending``; contact holds until the promised date."""
+    emit(session, organization_id=account.organization_id, type="promise.created", data=promise_data(promise, account), now=now)
     if account.status == AccountStatus.resolved:
         return
     _cancel_from_stage(session, account, stage_index=0, now=now, reason="promise_pending")
@@ -408,6 +431,7 @@ def settle_promises(session: Session, *, organization_id: int, now: datetime) ->
             promise.status = PromiseStatus.kept
             counts["kept"] += 1
             log_event(session, account, at=now, event="promise_kept", details={"promise_id": promise.id, "paid": str(paid)})
+            emit(session, organization_id=organization_id, type="promise.kept", data=promise_data(promise, account, paid=Decimal(paid)), now=now)
             if account.status == AccountStatus.promise_pending:
                 # Kept but money still owed: back to where the sequence stands.
                 account.status = (
@@ -417,6 +441,7 @@ def settle_promises(session: Session, *, organization_id: int, now: datetime) ->
             promise.status = PromiseStatus.broken
             counts["broken"] += 1
             log_event(session, account, at=now, event="promise_broken", details={"promise_id": promise.id, "paid": str(paid)})
+            emit(session, organization_id=organization_id, type="promise.broken", data=promise_data(promise, account, paid=Decimal(paid)), now=now)
             if account.status == AccountStatus.promise_pending:
                 account.status = AccountStatus.promise_overdue
         refresh_account_tab(session, account)

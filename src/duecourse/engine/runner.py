@@ -17,6 +17,7 @@ from duecourse.clock import Clock
 from duecourse.db import Database
 from duecourse.engine.cycle import run_scheduled
 from duecourse.engine.dispatch import ProviderFactory, run_due
+from duecourse.events.service import deliver_due
 from duecourse.tenancy.models import Organization
 from duecourse.tenancy.service import get_settings
 
@@ -73,6 +74,12 @@ def run_loop(
                 counts = run_due(db, now=clock.now(), worker=name, providers=providers)
                 if counts:
                     log.info("worker %s", counts)
+                try:  # outbound events (SPEC §7): their own pass, so a slow receiver never stops the engine
+                    sent = deliver_due(db, now=clock.now(), settings=getattr(providers, "settings", None))
+                    if sent:
+                        log.info("events %s", sent)
+                except Exception:  # noqa: BLE001 - retried on the next pass
+                    log.exception("event delivery pass failed")
         except Exception:  # noqa: BLE001 - a failed pass is logged and retried on the next one
             log.exception("engine pass failed")
         stop.wait(max(0.0, poll_seconds - (time.monotonic() - started)))

@@ -32,6 +32,8 @@ MAX_DAYS = 31
 class _Recorder:
     """A provider that sends nothing and answers like a real one."""
 
+    in_transaction = True
+
     def send(self, message: OutboundMessage) -> SendResult:
         return SendResult(provider_ref=f"simulated-{message.idempotency_key}")
 

@@ -5,6 +5,7 @@ from decimal import Decimal
 from enum import StrEnum
 
 from sqlalchemy import (
+    text,
     Boolean,
     CheckConstraint,
     Date,
@@ -115,6 +116,10 @@ class Account(Base):
     opt_out_whatsapp: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
     opt_out_voice: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
     contact_flags: Mapped[str | None] = mapped_column(String(200))
+    # Set by the engine when a provider says the address does not exist; cleared when it changes.
+    email_invalid: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False, server_default=text("false"))
+    phone_invalid: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False, server_default=text("false"))
+    whatsapp_invalid: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False, server_default=text("false"))
     blocked: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
     blocked_reason: Mapped[str | None] = mapped_column(String(500))
     paused: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)

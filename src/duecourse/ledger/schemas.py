@@ -154,6 +154,9 @@ class AccountOut(BaseModel):
     opt_out_sms: bool
     opt_out_whatsapp: bool
     opt_out_voice: bool
+    email_invalid: bool = Field(description="A provider said the email address does not exist")
+    phone_invalid: bool = Field(description="A provider said the phone number is invalid")
+    whatsapp_invalid: bool = Field(description="A provider said the WhatsApp number is invalid")
     blocked: bool
     blocked_reason: str | None
     paused: bool

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 
 from duecourse.engine.models import ExecutionLogEntry, Interaction
 from duecourse.errors import Conflict, FieldError, ValidationFailed
+from duecourse.events import service as events
 from duecourse.ledger import allocation, derived
 from duecourse.ledger.models import (
     Account,
@@ -208,6 +209,8 @@ def update_account(
 
     for key, value in changes.items():
         if key not in ("tags", "blocked_reason"):
+            if key in ("email", "phone", "whatsapp") and value != getattr(account, key):
+                setattr(account, f"{key}_invalid", False)  # a new address gets a new chance
             setattr(account, key, value)
     account.blocked_reason = reason
     account.updated_at = now
@@ -360,6 +363,9 @@ def account_views(session: Session, accounts: Sequence[Account], *, org: Organiz
                 "opt_out_sms": a.opt_out_sms,
                 "opt_out_whatsapp": a.opt_out_whatsapp,
                 "opt_out_voice": a.opt_out_voice,
+                "email_invalid": a.email_invalid,
+                "phone_invalid": a.phone_invalid,
+                "whatsapp_invalid": a.whatsapp_invalid,
                 "blocked": a.blocked,
                 "blocked_reason": a.blocked_reason,
                 "paused": a.paused,
@@ -655,7 +661,9 @@ def create_payment(
     )
     session.add(payment)
     session.flush()
+    was_resolved = account.status == AccountStatus.resolved
     allocation.allocate_payments(session, organization_id=organization_id, account_ids=[account.id], now=now)
+    events.payment_recorded(session, payment=payment, account=account, was_resolved=was_resolved, now=now)
     return payment
 
 

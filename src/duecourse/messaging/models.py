@@ -20,7 +20,10 @@ class Channel(StrEnum):
 
 class Template(Base):
     __tablename__ = "templates"
-    __table_args__ = (UniqueConstraint("organization_id", "name", name="uq_templates_org_name"),)
+    __table_args__ = (
+        UniqueConstraint("organization_id", "name", name="uq_templates_org_name"),
+        UniqueConstraint("variant_of_id", "tone", name="uq_templates_variant_tone"),
+    )
 
     id: Mapped[int] = pk()
     organization_id: Mapped[int] = mapped_column(
@@ -33,5 +36,8 @@ class Template(Base):
     subject: Mapped[str | None] = mapped_column(String(500))
     body_text: Mapped[str] = mapped_column(Text, nullable=False)
     body_html: Mapped[str | None] = mapped_column(Text)
+    # A tone variant of another template (SPEC §7: templates per channel and tone). A stage names the
+    # base template; an item whose tone differs (e.g. empathetic after a hostile call) gets the variant.
+    variant_of_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("templates.id"), index=True)
     created_at: Mapped[datetime] = utc_timestamp()
     updated_at: Mapped[datetime] = utc_timestamp()

@@ -28,6 +28,11 @@ class TemplateIn(Strict):
     subject: str | None = Field(default=None, max_length=500)
     body_text: str = Field(max_length=MAX_BODY)
     body_html: str | None = Field(default=None, max_length=MAX_BODY)
+    variant_of_id: int | None = Field(
+        default=None,
+        description="Make this the tone variant of another template (same channel, another tone): a stage "
+        "that uses that template sends this one to accounts whose next message has this tone",
+    )
 
 
 class TemplatePatch(Strict):
@@ -38,6 +43,7 @@ class TemplatePatch(Strict):
     subject: str | None = Field(default=None, max_length=500)
     body_text: str | None = Field(default=None, max_length=MAX_BODY)
     body_html: str | None = Field(default=None, max_length=MAX_BODY)
+    variant_of_id: int | None = None
 
 
 class TemplateOut(BaseModel):
@@ -50,6 +56,7 @@ class TemplateOut(BaseModel):
     subject: str | None
     body_text: str
     body_html: str | None
+    variant_of_id: int | None
     created_at: datetime
     updated_at: datetime
 

@@ -20,8 +20,8 @@ from duecourse.tenancy.models import Organization
 from duecourse.tenancy.scope import get_owned, scoped
 from duecourse.validation import currency_places
 
-FIELDS = ("name", "channel", "tone", "language", "subject", "body_text", "body_html")
-NULLABLE = ("language", "subject", "body_html")
+FIELDS = ("name", "channel", "tone", "language", "subject", "body_text", "body_html", "variant_of_id")
+NULLABLE = ("language", "subject", "body_html", "variant_of_id")
 EMAIL_ONLY = ("subject", "body_html")
 
 
@@ -86,6 +86,47 @@ def _check_name(session: Session, *, organization_id: int, name: str, template_i
         )
 
 
+def _check_variant(session: Session, *, organization_id: int, data: dict[str, Any], template_id: int | None) -> None:
+    """A tone variant names a base template of the organization, on the same channel, with another
+    tone; the base is not itself a variant, and it has one variant per tone."""
+    base_id = data.get("variant_of_id")
+    if base_id is None:
+        return
+    base = session.scalar(scoped(Template, organization_id).where(Template.id == base_id))
+    problem = None
+    if base is None:
+        problem = f"template {base_id} not found"
+    elif template_id is not None and base.id == template_id:
+        problem = "a template cannot be a variant of itself"
+    elif base.variant_of_id is not None:
+        problem = f"template {base_id} is itself a variant; name its base template ({base.variant_of_id})"
+    elif Channel(data["channel"]) != base.channel:
+        problem = f"the base template is for {base.channel.value}, this one for {Channel(data['channel']).value}"
+    elif str(data["tone"]) == str(base.tone.value if hasattr(base.tone, "value") else base.tone):
+        problem = f"the base template already has the {data['tone']} tone; a variant has another"
+    elif template_id is not None and session.scalar(
+        select(Template.id).where(Template.variant_of_id == template_id).limit(1)
+    ) is not None:
+        problem = "this template has variants of its own; it cannot become a variant"
+    if problem is None:
+        clash = select(Template.name).where(Template.variant_of_id == base_id, Template.tone == str(data["tone"]))
+        if template_id is not None:
+            clash = clash.where(Template.id != template_id)
+        taken = session.scalar(clash.limit(1))
+        if taken is not None:
+            problem = f"template {taken!r} is already the {data['tone']} variant of template {base_id}"
+    if problem:
+        raise ValidationFailed("Invalid template: variant_of_id: " + problem, [FieldError("variant_of_id", problem)])
+
+
+def variant_for(session: Session, template: Template, tone: str | None) -> Template:
+    """The template to send for ``tone``: the base's variant with that tone, else the base itself."""
+    if not tone or tone == (template.tone.value if hasattr(template.tone, "value") else template.tone):
+        return template
+    variant = session.scalar(select(Template).where(Template.variant_of_id == template.id, Template.tone == tone))
+    return variant or template
+
+
 def strategies_using(session: Session, *, organization_id: int, template_id: int) -> list[str]:
     """Names of the strategies with a stage that uses the template."""
     return list(
@@ -103,6 +144,7 @@ def create_template(session: Session, *, organization_id: int, data: TemplateIn,
     values = data.model_dump()
     _validate(values)
     _check_name(session, organization_id=organization_id, name=values["name"], template_id=None)
+    _check_variant(session, organization_id=organization_id, data=values, template_id=None)
     template = Template(organization_id=organization_id, created_at=now, updated_at=now, **values)
     session.add(template)
     session.flush()
@@ -130,6 +172,14 @@ def update_template(
     _validate(merged)
     if "name" in values:
         _check_name(session, organization_id=organization_id, name=merged["name"], template_id=template.id)
+    _check_variant(session, organization_id=organization_id, data=merged, template_id=template.id)
+    if merged["channel"] != template.channel or merged["tone"] != template.tone:
+        variants = session.scalars(select(Template.name).where(Template.variant_of_id == template.id)).all()
+        if variants and merged["channel"] != template.channel:
+            raise Conflict(
+                "The template has tone variants (" + ", ".join(repr(n) for n in variants) + "); its channel cannot change",
+                [FieldError("channel", "template has variants")],
+            )
     if merged["channel"] != template.channel:
         used = strategies_using(session, organization_id=organization_id, template_id=template.id)
         if used:
@@ -151,6 +201,11 @@ def update_template(
 
 def delete_template(session: Session, *, organization_id: int, template_id: int) -> None:
     template = get_template(session, organization_id=organization_id, template_id=template_id)
+    variants = session.scalars(select(Template.name).where(Template.variant_of_id == template.id)).all()
+    if variants:
+        raise Conflict(
+            "The template has tone variants: " + ", ".join(repr(n) for n in variants) + "; delete or detach them first"
+        )
     used = strategies_using(session, organization_id=organization_id, template_id=template.id)
     if used:
         raise Conflict(
@@ -171,12 +226,17 @@ def preview_links(external_id: str) -> tuple[str, str]:
 
 
 def account_context_for(
-    session: Session, *, organization_id: int, account_id: int, now: datetime, unsubscribe_link: str | None = None
+    session: Session, *, organization_id: int, account_id: int, now: datetime, unsubscribe_link: str | None = None,
+    account: Account | None = None, org: Organization | None = None,
 ) -> dict[str, Any]:
-    account = session.scalar(scoped(Account, organization_id).where(Account.id == account_id))
+    """The template variables for one account. The engine passes the account and organization it
+    already holds; they must be the ones named by the ids."""
+    if account is None or account.id != account_id or account.organization_id != organization_id:
+        account = session.scalar(scoped(Account, organization_id).where(Account.id == account_id))
     if account is None:
         raise ValidationFailed.on("account_id", f"account {account_id} not found")
-    org = session.get(Organization, organization_id)
+    if org is None or org.id != organization_id:
+        org = session.get(Organization, organization_id)
     assert org is not None
     invoice = None
     if account.carrying_invoice_id is not None:

@@ -123,8 +123,12 @@ def get_organization(session: Session, organization_id: int) -> Organization:
 
 
 def get_settings(session: Session, organization_id: int) -> OrgSettings:
-    row = session.get(OrganizationSettings, organization_id)
-    return OrgSettings.model_validate(row.data if row else {})
+    """The organization's settings, validated once per session (the engine asks for them per item)."""
+    memo = session.info.setdefault("org_settings", {})
+    if organization_id not in memo:
+        row = session.get(OrganizationSettings, organization_id)
+        memo[organization_id] = OrgSettings.model_validate(row.data if row else {})
+    return memo[organization_id]
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
@@ -179,6 +183,7 @@ def update_settings(
     else:
         row.data = new_data
         row.updated_at = now
+    session.info.get("org_settings", {}).pop(principal.organization_id, None)
     if any(k.startswith("exclusions.") for k in changes):
         # SPEC §6: exclusion rules decide the Blocked tab, so every account's tab is recomputed.
         # Balances do not depend on the settings: the one set-based tab update is enough.

@@ -111,11 +111,25 @@ class ExclusionSettings(_Strict):
     exclude_only_disputed: bool = True
 
 
+class SandboxSettings(_Strict):
+    simulate_outcomes: bool = Field(
+        default=False,
+        description="Messages sent through the sandbox get realistic simulated outcomes (deliveries, bounces, "
+        "call outcomes, promises, payments) a few minutes to days later, through the same outcome services "
+        "a real provider's webhook uses. For demos; see docs/channels/sandbox.md.",
+    )
+    seed: int = Field(
+        default=7, ge=0, le=2_147_483_647,
+        description="Seed of the simulated outcomes: the same seed and the same messages give the same outcomes.",
+    )
+
+
 class OrgSettings(_Strict):
     automation: AutomationSettings = Field(default_factory=AutomationSettings)
     dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
     outcomes: OutcomeSettings = Field(default_factory=OutcomeSettings)
     exclusions: ExclusionSettings = Field(default_factory=ExclusionSettings)
+    sandbox: SandboxSettings = Field(default_factory=SandboxSettings)
     exchange_rates: dict[str, Decimal] = Field(
         default_factory=dict,
         description="Rate to the organization's base currency per currency code, for amount-threshold triggers.",

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-22 20:36:33.373092
+Create Date: 2026-11-22 20:54:35.189969
 """
 
 from __future__ import annotations
@@ -40,6 +40,24 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('id', name=op.f('pk_channel_configs')),
     sa.UniqueConstraint('organization_id', 'channel', name='uq_channel_configs_org_channel')
     )
+    op.create_table('event_subscriptions',
+    sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=True, nullable=False),
+    sa.Column('organization_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('url', sa.String(length=2000), nullable=False),
+    sa.Column('description', sa.String(length=500), nullable=False),
+    sa.Column('event_types', sa.JSON(), nullable=False),
+    sa.Column('active', sa.Boolean(), nullable=False),
+    sa.Column('secret_encrypted', sa.Text(), nullable=False),
+    sa.Column('secret_masked', sa.String(length=16), nullable=False),
+    sa.Column('secret_rotated_at', sa.DateTime(), nullable=True),
+    sa.Column('created_at', sa.DateTime(), nullable=False),
+    sa.Column('updated_at', sa.DateTime(), nullable=False),
+    sa.ForeignKeyConstraint(['organization_id'], ['organizations.id'], name=op.f('fk_event_subscriptions_organization_id_organizations'), ondelete='CASCADE'),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_event_subscriptions'))
+    )
+    with op.batch_alter_table('event_subscriptions', schema=None) as batch_op:
+        batch_op.create_index('ix_event_subscriptions_org_active', ['organization_id', 'active'], unique=False)
+
     op.create_table('organization_settings',
     sa.Column('organization_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
     sa.Column('data', sa.JSON(), nullable=False),
@@ -68,14 +86,18 @@ def upgrade() -> None:
     sa.Column('subject', sa.String(length=500), nullable=True),
     sa.Column('body_text', sa.Text(), nullable=False),
     sa.Column('body_html', sa.Text(), nullable=True),
+    sa.Column('variant_of_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=True),
     sa.Column('created_at', sa.DateTime(), nullable=False),
     sa.Column('updated_at', sa.DateTime(), nullable=False),
     sa.ForeignKeyConstraint(['organization_id'], ['organizations.id'], name=op.f('fk_templates_organization_id_organizations'), ondelete='CASCADE'),
+    sa.ForeignKeyConstraint(['variant_of_id'], ['templates.id'], name=op.f('fk_templates_variant_of_id_templates')),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_templates')),
-    sa.UniqueConstraint('organization_id', 'name', name='uq_templates_org_name')
+    sa.UniqueConstraint('organization_id', 'name', name='uq_templates_org_name'),
+    sa.UniqueConstraint('variant_of_id', 'tone', name='uq_templates_variant_tone')
     )
     with op.batch_alter_table('templates', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_templates_organization_id'), ['organization_id'], unique=False)
+        batch_op.create_index(batch_op.f('ix_templates_variant_of_id'), ['variant_of_id'], unique=False)
 
     op.create_table('users',
     sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=True, nullable=False),
@@ -122,6 +144,33 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('api_keys', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_api_keys_organization_id'), ['organization_id'], unique=False)
+
+    op.create_table('event_deliveries',
+    sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=True, nullable=False),
+    sa.Column('organization_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('subscription_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('event_id', sa.String(length=40), nullable=False),
+    sa.Column('event_type', sa.String(length=64), nullable=False),
+    sa.Column('payload', sa.JSON(), nullable=False),
+    sa.Column('status', sa.Enum('pending', 'processing', 'delivered', 'failed', name='event_delivery_status', native_enum=False, create_constraint=True), nullable=False),
+    sa.Column('attempts', sa.SmallInteger(), nullable=False),
+    sa.Column('next_attempt_at', sa.DateTime(), nullable=True),
+    sa.Column('claimed_by', sa.String(length=100), nullable=True),
+    sa.Column('last_attempt_at', sa.DateTime(), nullable=True),
+    sa.Column('last_status_code', sa.Integer(), nullable=True),
+    sa.Column('last_error', sa.Text(), nullable=True),
+    sa.Column('attempt_log', sa.JSON(), nullable=False),
+    sa.Column('delivered_at', sa.DateTime(), nullable=True),
+    sa.Column('created_at', sa.DateTime(), nullable=False),
+    sa.Column('updated_at', sa.DateTime(), nullable=False),
+    sa.ForeignKeyConstraint(['organization_id'], ['organizations.id'], name=op.f('fk_event_deliveries_organization_id_organizations'), ondelete='CASCADE'),
+    sa.ForeignKeyConstraint(['subscription_id'], ['event_subscriptions.id'], name=op.f('fk_event_deliveries_subscription_id_event_subscriptions'), ondelete='CASCADE'),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_event_deliveries'))
+    )
+    with op.batch_alter_table('event_deliveries', schema=None) as batch_op:
+        batch_op.create_index('ix_event_deliveries_due', ['status', 'next_attempt_at'], unique=False)
+        batch_op.create_index('ix_event_deliveries_org', ['organization_id', 'id'], unique=False)
+        batch_op.create_index('ix_event_deliveries_subscription', ['subscription_id', 'id'], unique=False)
 
     op.create_table('strategies',
     sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=True, nullable=False),
@@ -233,6 +282,9 @@ def upgrade() -> None:
     sa.Column('opt_out_whatsapp', sa.Boolean(), nullable=False),
     sa.Column('opt_out_voice', sa.Boolean(), nullable=False),
     sa.Column('contact_flags', sa.String(length=200), nullable=True),
+    sa.Column('email_invalid', sa.Boolean(), server_default=sa.text('(false)'), nullable=False),
+    sa.Column('phone_invalid', sa.Boolean(), server_default=sa.text('(false)'), nullable=False),
+    sa.Column('whatsapp_invalid', sa.Boolean(), server_default=sa.text('(false)'), nullable=False),
     sa.Column('blocked', sa.Boolean(), nullable=False),
     sa.Column('blocked_reason', sa.String(length=500), nullable=True),
     sa.Column('paused', sa.Boolean(), nullable=False),
@@ -355,6 +407,7 @@ def upgrade() -> None:
     sa.Column('claimed_by', sa.String(length=100), nullable=True),
     sa.Column('lease_expires_at', sa.DateTime(), nullable=True),
     sa.Column('sent_at', sa.DateTime(), nullable=True),
+    sa.Column('early_report', sa.JSON(), nullable=True),
     sa.Column('finished_at', sa.DateTime(), nullable=True),
     sa.Column('created_at', sa.DateTime(), nullable=False),
     sa.Column('updated_at', sa.DateTime(), nullable=False),
@@ -595,6 +648,12 @@ def downgrade() -> None:
         batch_op.drop_index('ix_strategies_org_active')
 
     op.drop_table('strategies')
+    with op.batch_alter_table('event_deliveries', schema=None) as batch_op:
+        batch_op.drop_index('ix_event_deliveries_subscription')
+        batch_op.drop_index('ix_event_deliveries_org')
+        batch_op.drop_index('ix_event_deliveries_due')
+
+    op.drop_table('event_deliveries')
     with op.batch_alter_table('api_keys', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_api_keys_organization_id'))
 
@@ -605,11 +664,16 @@ def downgrade() -> None:
 
     op.drop_table('users')
     with op.batch_alter_table('templates', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_templates_variant_of_id'))
         batch_op.drop_index(batch_op.f('ix_templates_organization_id'))
 
     op.drop_table('templates')
     op.drop_table('scheduler_claims')
     op.drop_table('organization_settings')
+    with op.batch_alter_table('event_subscriptions', schema=None) as batch_op:
+        batch_op.drop_index('ix_event_subscriptions_org_active')
+
+    op.drop_table('event_subscriptions')
     op.drop_table('channel_configs')
     op.drop_table('organizations')
     # ### end Alembic commands ###

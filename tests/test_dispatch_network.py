@@ -1,0 +1,191 @@
+"""Dispatch through providers that talk to the network (SPEC §4.6, §10): sends happen with no
+transaction open, a journaled send is never repeated after a crash, a failing provider is left alone
+for a cool-down without holding up other organizations, and an address a provider calls invalid is
+flagged. The providers here stand in for remote services; the engine, the database and the
+transactions are the real ones."""
+
+from __future__ import annotations
+
+import threading
+from datetime import date, timedelta
+
+from sqlalchemy import select
+
+from duecourse.channels.base import ProviderError, SendResult
+from duecourse.engine.cycle import run_scheduled, tick
+from duecourse.engine.dispatch import _Batch, _send_all, claim, process_item, run_due
+from duecourse.engine.models import Interaction, QueueItem
+from duecourse.ledger.models import Account
+from duecourse.tenancy.models import Organization
+from tests.engine_helpers import debtor, items, log, refresh
+from tests.test_engine_dispatch import _setup
+
+
+class Remote:
+    """A stand-in for a remote provider: records what it was asked to send, can fail."""
+
+    def __init__(self, fail: ProviderError | None = None) -> None:
+        self.sent: list[str] = []
+        self.fail = fail
+        self.in_transaction_seen: list[bool] = []
+        self.lock = threading.Lock()
+
+    def send(self, message):  # type: ignore[no-untyped-def]
+        with self.lock:
+            self.sent.append(message.idempotency_key)
+        if self.fail is not None:
+            raise self.fail
+        return SendResult(provider_ref=f"remote-{message.idempotency_key}")
+
+
+class ByOrg:
+    """The provider factory: one remote per organization."""
+
+    def __init__(self, remotes: dict[int, Remote]) -> None:
+        self.remotes = remotes
+
+    def __call__(self, session, now, organization_id, channel):  # type: ignore[no-untyped-def]
+        return self.remotes[organization_id]
+
+
+def _debtors(db, org, now, n, prefix):
+    with db.transaction() as s:
+        ids = [debtor(s, org.id, now, f"{prefix}{i}", due=date(2026, 3, 1)).id for i in range(n)]
+        refresh(s, org.id, now)
+    return ids
+
+
+def _enqueue(db, org_id, now):
+    """The scheduler's work (the strategy's run: assignment and enqueue), no dispatch."""
+    with db.transaction() as s:
+        run_scheduled(s, org=s.get(Organization, org_id), now=now, worker="scheduler")
+
+
+def test_a_journaled_send_is_recorded_not_repeated_after_a_crash(db, org, clock):
+    now = clock.now()
+    _setup(db, org, now, [("email", "t", 0), ("email", "p", 3)])
+    (aid,) = _debtors(db, org, now, 1, "CRASH")
+    tick(db, now=now, providers=ByOrg({org.id: Remote()}), organization_id=org.id)  # assign + enqueue + send
+    with db.transaction() as s:
+        assert [i[1] for i in items(s, aid)] == ["completed"]
+    # The next stage is due three days later; this time the worker dies after the send was journaled.
+    clock.advance(days=3)
+    remote = Remote()
+    providers = ByOrg({org.id: remote})
+    _enqueue(db, org.id, clock.now())
+    batch = _Batch()
+    with db.transaction() as s:
+        ids = claim(s, now=clock.now(), worker="w1", limit=10)
+        assert [process_item(s, item_id=i, now=clock.now(), worker="w1", providers=providers, batch=batch) for i in ids] == ["sending"]
+    _send_all(db, batch.sends, now=clock.now())
+    assert remote.sent == [f"qi-{ids[0]}"]
+    # ... and never recorded it. Its lease expires; another worker picks the item up.
+    clock.advance(minutes=30)
+    counts = run_due(db, now=clock.now(), worker="w2", providers=providers)
+    assert counts == {"dispatched": 1}
+    assert remote.sent == [f"qi-{ids[0]}"]  # not sent a second time
+    with db.transaction() as s:
+        item = s.get(QueueItem, ids[0])
+        assert (item.status.value, item.provider_ref) == ("completed", f"remote-qi-{ids[0]}")
+        assert len(s.scalars(select(Interaction).where(Interaction.queue_item_id == item.id)).all()) == 1
+        assert s.get(Account, aid).case_sequence_finished
+
+
+def test_a_failing_provider_is_left_alone_and_does_not_hold_up_other_organizations(db, org, other_org, clock):
+    now = clock.now()
+    _setup(db, org, now, [("email", "t", 0)])
+    _setup(db, other_org, now, [("email", "t", 0)])
+    down_ids = _debtors(db, org, now, 3, "DOWN")
+    up_ids = _debtors(db, other_org, now, 3, "UP")
+    down, up = Remote(fail=ProviderError("connection refused", retryable=True)), Remote()
+    providers = ByOrg({org.id: down, other_org.id: up})
+    for o in (org, other_org):
+        _enqueue(db, o.id, now)
+    counts = run_due(db, now=now, worker="w", providers=providers)
+    assert len(up.sent) == 3 and len(down.sent) == 1  # the rest of the failing group was not tried
+    assert counts == {"dispatched": 3, "retry": 1, "deferred": 2}
+    with db.transaction() as s:
+        rows = [s.scalars(select(QueueItem).where(QueueItem.account_id == a)).one() for a in down_ids]
+        attempts = sorted((r.status.value, r.attempt) for r in rows)
+        assert attempts == [("pending", 0), ("pending", 0), ("pending", 1)]  # only the tried one spent an attempt
+        assert all(r.scheduled_at > now for r in rows)
+        held = [e for a in down_ids for e in log(s, a) if e[0] == "deferred"]
+        assert [e[2] for e in held] == ["provider_unavailable", "provider_unavailable"]
+    # Within the cool-down nothing is sent to the failing provider again.
+    assert run_due(db, now=now + timedelta(seconds=30), worker="w", providers=providers) == {}
+    assert len(down.sent) == 1
+    # It recovers: after the cool-down and the back-off everything goes out.
+    down.fail = None
+    later = now + timedelta(hours=1)
+    assert run_due(db, now=later, worker="w", providers=providers) == {"dispatched": 3}
+    assert len(down.sent) == 4
+
+
+def test_an_address_the_provider_calls_invalid_is_flagged_and_skipped(db, org, clock):
+    now = clock.now()
+    _setup(db, org, now, [("sms", "t", 0), ("sms", "p", 1), ("email", "p", 1)])
+    (aid,) = _debtors(db, org, now, 1, "BADNUM")
+    remote = Remote(fail=ProviderError("21211 invalid 'To' number", retryable=False, invalid_address=True))
+    tick(db, now=now, providers=ByOrg({org.id: remote}), organization_id=org.id)
+    with db.transaction() as s:
+        a = s.get(Account, aid)
+        assert a.phone_invalid and not a.email_invalid
+        assert [(i[1], i[3]) for i in items(s, aid)][0] == ("failed", "provider_error")
+        assert ("contact_invalid", 0, "phone_invalid") in log(s, aid)
+    assert org.get(f"/api/v1/accounts/{aid}").json()["phone_invalid"] is True
+    # The next SMS stage is skipped with its reason, without asking the provider again.
+    remote.fail = None
+    clock.advance(days=1)
+    tick(db, now=clock.now(), providers=ByOrg({org.id: remote}), organization_id=org.id)
+    with db.transaction() as s:
+        assert ("skipped", "invalid_contact_info") in [(i[1], i[3]) for i in items(s, aid)]
+    assert len(remote.sent) == 1
+    # A corrected number gets a new chance.
+    r = org.patch(f"/api/v1/accounts/{aid}", json={"phone": "+34600999888"})
+    assert r.status_code == 200 and r.json()["phone_invalid"] is False
+
+
+def test_two_messages_for_one_account_in_one_batch_go_one_after_the_other(db, org, clock):
+    now = clock.now()
+    _setup(db, org, now, [("email", "t", 0), ("email", "t", 0)], multi_stage_handling="run_all_in_order")
+    (aid,) = _debtors(db, org, now, 1, "TWICE")
+    remote = Remote()
+    tick(db, now=now, providers=ByOrg({org.id: remote}), organization_id=org.id)
+    # The first went out; the second saw it and met the one-contact-a-day limit.
+    assert len(remote.sent) == 1
+    with db.transaction() as s:
+        got = [(i[0], i[1], i[3]) for i in items(s, aid)]
+        assert got[:2] == [(0, "completed", None), (1, "skipped", "frequency_limit")]
+        assert got[2][:2] == (1, "pending")
+
+
+def test_a_delivery_report_faster_than_the_bookkeeping_is_applied_when_the_send_is_recorded(db, org, clock):
+    now = clock.now()
+    _setup(db, org, now, [("email", "t", 0), ("sms", "p", 3)])
+    (aid,) = _debtors(db, org, now, 1, "FAST")
+    _enqueue(db, org.id, now)
+    remote = Remote()
+    providers = ByOrg({org.id: remote})
+    batch = _Batch()
+    with db.transaction() as s:
+        (item_id,) = claim(s, now=now, worker="w1", limit=10)
+        assert process_item(s, item_id=item_id, now=now, worker="w1", providers=providers, batch=batch) == "sending"
+    _send_all(db, batch.sends, now=now)
+    # The provider reports the bounce before the worker has recorded the dispatch.
+    r = org.post("/api/v1/outcomes/delivery", role="manager",
+                 json={"provider_ref": f"remote-qi-{item_id}", "status": "bounced", "error": "550 unknown user"})
+    assert r.status_code == 200 and r.json() == {"result": "pending"}
+    with db.transaction() as s:
+        assert [i[1] for i in items(s, aid)] == ["processing"]
+    # The worker dies here; the next one records the send and then the report.
+    counts = run_due(db, now=now + timedelta(minutes=30), worker="w2", providers=providers)
+    assert remote.sent == [f"qi-{item_id}"]
+    with db.transaction() as s:
+        events = [e[0] for e in log(s, aid)]
+        assert events.index("dispatched") < events.index("delivery_failed")
+        assert s.scalars(select(Interaction.status).where(Interaction.queue_item_id == item_id)).one().value == "bounced"
+        assert s.get(QueueItem, item_id).early_report is None
+        # The next stage was queued at once (the message never arrived) and met the one-a-day limit.
+        assert [(i[0], i[1], i[3]) for i in items(s, aid)] == [
+            (0, "completed", None), (1, "skipped", "frequency_limit"), (1, "pending", None)]
+    assert counts == {"dispatched": 1, "skipped": 1}
