@@ -4,7 +4,6 @@ inbound webhooks: delivery reports and payments, with forged, replayed and malfo
 from __future__ import annotations
 
 import json
-import time
 from datetime import date
 
 from sqlalchemy import select
@@ -130,7 +129,7 @@ def test_signed_delivery_webhook_fails_the_delivery_once(db, org, app, clock):
         assert s.get(Account, aid).email_invalid  # a hard bounce flags the address
         assert [(i[0], i[1]) for i in items(s, aid)] == [(0, "completed"), (1, "pending")]
     # Another organization's secret does not open this organization's webhook.
-    assert org.client.post(f"/api/v1/webhooks/999999/delivery", json=event).status_code in (401, 404)
+    assert org.client.post("/api/v1/webhooks/999999/delivery", json=event).status_code in (401, 404)
 
 
 def test_signed_payment_webhook_records_the_payment_once(db, org, app, clock):

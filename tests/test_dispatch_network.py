@@ -96,7 +96,7 @@ def test_a_failing_provider_is_left_alone_and_does_not_hold_up_other_organizatio
     _setup(db, org, now, [("email", "t", 0)])
     _setup(db, other_org, now, [("email", "t", 0)])
     down_ids = _debtors(db, org, now, 3, "DOWN")
-    up_ids = _debtors(db, other_org, now, 3, "UP")
+    _debtors(db, other_org, now, 3, "UP")
     down, up = Remote(fail=ProviderError("connection refused", retryable=True)), Remote()
     providers = ByOrg({org.id: down, other_org.id: up})
     for o in (org, other_org):

@@ -12,7 +12,7 @@ from duecourse.channels.models import SandboxMessage
 from duecourse.engine.cycle import tick
 from duecourse.engine.models import ExecutionLogEntry, QueueItem, Task
 from duecourse.ledger.models import Account, Payment, Promise
-from tests.engine_helpers import debtor, items, log, refresh, strategy
+from tests.engine_helpers import debtor, items, log, refresh
 from tests.test_engine_dispatch import _setup
 
 

@@ -64,6 +64,23 @@ def test_users_are_scoped_to_their_organization(org, other_org):
     assert all(x["id"] != uid for x in other_org.get("/api/v1/users").json())
 
 
+def test_nobody_demotes_or_deactivates_themselves_and_role_changes_are_audited(org, client):
+    agent = org.post("/api/v1/users", json={"email": "a2@example.com", "password": "longenough", "role": "agent"}).json()
+    assert client.post("/api/v1/auth/login", json={"email": org.admin_email, "password": org.admin_password}).status_code == 200
+    me = next(u for u in client.get("/api/v1/users").json() if u["email"] == org.admin_email)
+    for body, field in (({"role": "viewer"}, "role"), ({"active": False}, "active")):
+        r = client.patch(f"/api/v1/users/{me['id']}", json=body)
+        assert r.status_code == 422 and [f["field"] for f in r.json()["error"]["fields"]] == [field]
+    assert client.patch(f"/api/v1/users/{me['id']}", json={"name": "Boss"}).json()["name"] == "Boss"
+    r = client.patch(f"/api/v1/users/{agent['id']}", json={"role": "manager", "active": False})
+    assert r.status_code == 200 and (r.json()["role"], r.json()["active"]) == ("manager", False)
+    audit = client.get("/api/v1/audit-log").json()["items"]
+    changed = {(e["field"], e["old_value"], e["new_value"]) for e in audit if e["entity_type"] == "user"}
+    assert {("role", "agent", "manager"), ("active", "True", "False")} <= changed
+    client.cookies.clear()
+    assert org.get(f"/api/v1/users/{me['id']}").json()["role"] == "admin"
+
+
 def test_user_validation(org):
     r = org.post("/api/v1/users", json={"email": "not-an-email", "password": "short", "role": "boss"})
     assert r.status_code == 422

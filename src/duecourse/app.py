@@ -7,7 +7,7 @@ from typing import Any
 from alembic.runtime.migration import MigrationContext
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 
@@ -74,14 +74,11 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None, 
         return JSONResponse(err.as_dict(), status_code=409)
 
     @app.get("/", include_in_schema=False)
-    def home() -> HTMLResponse:
-        return HTMLResponse(
-            "<!doctype html><title>duecourse</title><h1>duecourse</h1>"
-            "<p>The collection engine is running.</p>"
-            '<ul><li><a href="/api/docs">REST API: interactive documentation</a></li>'
-            '<li><a href="/api/openapi.json">OpenAPI document</a></li>'
-            '<li><a href="/ready">Readiness</a></li></ul>'
-        )
+    def home() -> Response:
+        # The web UI's landing page; it sends visitors who are not logged in to /login.
+        from fastapi.responses import RedirectResponse
+
+        return RedirectResponse("/execution", status_code=303)
 
     @app.get("/health", tags=["operations"], summary="Liveness: the process answers")
     def health() -> dict[str, str]:

@@ -1,7 +1,8 @@
 """The email adapter: real SMTP, per organization (SPEC §7).
 
-One connection per message, with the standard library's :mod:`smtplib` (the engine's dispatch is
-synchronous and holds one item per transaction, so a pool would buy little). Security is
+One connection per message, with the standard library's :mod:`smtplib` (the engine sends an
+organization's emails one after another in one thread, outside any transaction; a pool would buy
+little at collection volumes). Security is
 ``starttls`` (plain connection upgraded with STARTTLS, refused if the server does not offer it),
 ``tls`` (implicit TLS, usually port 465) or ``none``; AUTH happens when a username is configured.
 Every socket operation waits at most ``env.timeout_seconds``.

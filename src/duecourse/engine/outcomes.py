@@ -300,9 +300,7 @@ def _apply_conversation(session: Session, account: Account, *, item: QueueItem, 
     advance(session, account, completed_stage=item.stage_index, stage_count=len(stages), org_tz=org.timezone, now=now,
             cause=str(report.outcome) if report.outcome else "call_completed")
     if report.outcome == Outcome.promise_to_pay:
-        if report.promise_amount is None or report.promise_date is None:
-            raise ValidationFailed("promise_to_pay needs an amount and a date", [
-                FieldError("promise_amount", "required"), FieldError("promise_date", "required")])
+        assert report.promise_amount is not None and report.promise_date is not None
         promise = Promise(organization_id=org.id, account_id=account.id, amount=report.promise_amount,
                           currency=account.currency, promised_date=report.promise_date, status=PromiseStatus.pending,
                           source=PromiseSource.voice_call, created_at=now)
@@ -344,6 +342,13 @@ def record_task_outcome(session: Session, *, organization_id: int, task_id: int,
         raise Conflict(f"Task {task.id} is {task.status}; its outcome is already recorded", [FieldError("status", str(task.status))])
     if report.outcome is None:
         raise ValidationFailed.on("outcome", "is required")
+    # Checked before anything changes, whether or not the task is still its case's current stage.
+    if report.outcome == Outcome.promise_to_pay and (report.promise_amount is None or report.promise_date is None):
+        raise ValidationFailed("promise_to_pay needs an amount and a date", [
+            FieldError(f, "is required for a promise to pay")
+            for f, v in (("promise_amount", report.promise_amount), ("promise_date", report.promise_date)) if v is None])
+    if report.outcome == Outcome.callback_requested and report.callback_at is None:
+        raise ValidationFailed.on("callback_at", "is required with callback_requested")
     account = _account(session, task.account_id)
     task.status = TaskStatus.done
     task.outcome = str(report.outcome)
@@ -357,6 +362,7 @@ def record_task_outcome(session: Session, *, organization_id: int, task_id: int,
         occurred_at=now, created_at=now, user_id=user_id, summary=note,
     )
     _fill(interaction, report, answered=report.outcome not in NO_CONVERSATION)
+    interaction.summary = report.summary or note  # the agent's note is the summary unless one is given
     session.add(interaction)
     account.last_interaction_at = now
     item = session.get(QueueItem, task.queue_item_id) if task.queue_item_id else None
@@ -367,8 +373,6 @@ def record_task_outcome(session: Session, *, organization_id: int, task_id: int,
     org = _org(session, organization_id)
     stages = _stages(session, account.strategy_id)
     if report.outcome == Outcome.callback_requested:
-        if report.callback_at is None:
-            raise ValidationFailed.on("callback_at", "is required with callback_requested")
         account.status = AccountStatus.callback_pending
         account.callback_at = report.callback_at
         _cancel_from_stage(session, account, stage_index=0, now=now, reason="callback")
@@ -382,9 +386,7 @@ def record_task_outcome(session: Session, *, organization_id: int, task_id: int,
     advance(session, account, completed_stage=item.stage_index, stage_count=len(stages), org_tz=org.timezone, now=now,
             cause=f"task:{report.outcome}")
     if report.outcome == Outcome.promise_to_pay:
-        if report.promise_amount is None or report.promise_date is None:
-            raise ValidationFailed("promise_to_pay needs an amount and a date", [
-                FieldError("promise_amount", "required"), FieldError("promise_date", "required")])
+        assert report.promise_amount is not None and report.promise_date is not None
         promise = Promise(organization_id=org.id, account_id=account.id, amount=report.promise_amount, currency=account.currency,
                           promised_date=report.promise_date, status=PromiseStatus.pending, source=PromiseSource.agent,
                           created_by_user_id=user_id, created_at=now)

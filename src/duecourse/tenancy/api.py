@@ -27,7 +27,7 @@ from duecourse.tenancy.schemas import (
     UserPatch,
 )
 from duecourse.tenancy.scope import get_owned, scoped
-from duecourse.tenancy.security import hash_password, session_serializer
+from duecourse.tenancy.security import session_serializer
 from duecourse.tenancy.settings import OrgSettings
 
 router = APIRouter(tags=["organization and access"])
@@ -104,19 +104,10 @@ def get_user(user_id: int, session: DbSession, principal: Principal = Admin) -> 
 
 
 @router.patch("/users/{user_id}", response_model=UserOut)
-def patch_user(user_id: int, body: UserPatch, session: DbSession, principal: Principal = Admin) -> Any:
-    user = get_owned(session, User, user_id, principal.organization_id, "User")
-    data = body.model_dump(exclude_unset=True)
-    if user.id == principal.user_id and (data.get("role") not in (None, user.role) or data.get("active") is False):
-        raise ValidationFailed.on("role", "you cannot demote or deactivate yourself")
-    for k, v in data.items():
-        if v is None:
-            raise ValidationFailed.on(k, "must not be null")
-        if k == "password":
-            user.password_hash = hash_password(v)
-        else:
-            setattr(user, k, v)
-    return user
+def patch_user(user_id: int, body: UserPatch, session: DbSession, clock: AppClock, principal: Principal = Admin) -> Any:
+    return service.update_user(
+        session, principal=principal, user_id=user_id, changes=body.model_dump(exclude_unset=True), now=clock.now()
+    )
 
 
 @router.delete("/users/{user_id}", status_code=204)

@@ -107,6 +107,37 @@ def principal_for_user(session: Session, user_id: int) -> Principal | None:
     return Principal(organization_id=user.organization_id, role=user.role, actor=user.email, user_id=user.id)
 
 
+def update_user(session: Session, *, principal: Principal, user_id: int, changes: dict[str, Any], now: datetime) -> User:
+    """Change a user's name, role, password or active flag. Nobody demotes or deactivates themselves
+    (an organization must not lose its last way in by accident); role and access changes are audited."""
+    user = get_owned(session, User, user_id, principal.organization_id, "User")
+    if user.id == principal.user_id:
+        if changes.get("role") not in (None, user.role, getattr(user.role, "value", user.role)):
+            raise ValidationFailed.on("role", "you cannot change your own role")
+        if changes.get("active") is False:
+            raise ValidationFailed.on("active", "you cannot deactivate yourself")
+    nulls = [k for k, v in changes.items() if v is None]
+    if nulls:
+        raise ValidationFailed("Invalid user", [FieldError(k, "must not be null") for k in nulls])
+    audited: dict[str, tuple[Any, Any]] = {}
+    for key, value in changes.items():
+        if key == "password":
+            user.password_hash = hash_password(value)
+            audited["password"] = ("", "changed")
+            continue
+        old = getattr(user, key)
+        if key == "role":
+            value = Role(value)
+        if old != value:
+            setattr(user, key, value)
+            if key in ("role", "active"):
+                audited[key] = (getattr(old, "value", old), getattr(value, "value", value))
+    if audited:
+        audit.record_changes(session, principal=principal, at=now, entity_type="user", entity_id=user.id,
+                             changes=audited, description_prefix=f"User {user.email}")
+    return user
+
+
 def list_users(session: Session, *, organization_id: int) -> list[User]:
     return list(session.scalars(scoped(User, organization_id).order_by(User.id)))
 
