@@ -114,3 +114,23 @@ def test_viewer_sees_no_controls_and_is_refused(server: LiveServer, web_org: Web
     # Without a valid CSRF token even an admin's POST is refused.
     admin = login_as("admin")
     assert admin.request.post("/execution/pause", form={"csrf_token": "forged"}).status == 403
+
+
+def test_daily_outcomes_chart_shows_what_was_sent(server: LiveServer, web_org: WebOrg, login_as) -> None:  # type: ignore[no-untyped-def]
+    from duecourse.engine.cycle import tick
+    from duecourse.engine.enqueue import enqueue
+
+    _seed_campaign(server, web_org, 3)
+    with server.db.transaction() as session:
+        enqueue(session, organization_id=web_org.id, now=server.clock.now(), cause="test")
+    tick(server.db, now=server.clock.now())  # the campaign's first emails go out
+    page = login_as("viewer")
+    page.goto("/execution")
+    chart = page.get_by_test_id("daily-chart")
+    expect(chart.locator("polyline")).to_have_count(5)
+    expect(page.get_by_test_id("daily-sent")).to_contain_text("Sent 3")
+    expect(page.get_by_test_id("daily-promises")).to_contain_text("Promises 0")
+    # The last point of the "sent" line is above the baseline; the promises line stays on it.
+    sent = chart.locator("polyline[data-series=sent]").get_attribute("points") or ""
+    promises = chart.locator("polyline[data-series=promises]").get_attribute("points") or ""
+    assert sent.split()[-1] != promises.split()[-1] and sent.split()[0] == promises.split()[0]

@@ -160,6 +160,13 @@ def engine_kpis(principal: Reader, session: DbSession, clock: AppClock) -> dict[
     return kpis.engine_kpis(session, organization_id=principal.organization_id, now=clock.now())
 
 
+@router.get("/engine/daily-outcomes", summary="Sent, delivered, failed, promises and payments per day (organization's days)")
+def daily_outcomes(
+    principal: Reader, session: DbSession, clock: AppClock, days: int = Query(30, ge=1, le=90)
+) -> dict[str, Any]:
+    return kpis.daily_outcomes(session, organization_id=principal.organization_id, now=clock.now(), days=days)
+
+
 def _set_paused(session: Any, principal: Principal, paused: bool, now: Any) -> dict[str, Any]:
     settings = update_settings(session, principal=principal, patch={"automation": {"engine_paused": paused}}, now=now)
     return {"engine_paused": settings.automation.engine_paused}

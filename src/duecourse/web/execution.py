@@ -10,6 +10,7 @@ from sqlalchemy import select
 
 from duecourse.campaigns.models import Campaign, CampaignStatus
 from duecourse.engine.enqueue import enqueue
+from duecourse.engine import kpis
 from duecourse.engine.kpis import engine_kpis
 from duecourse.engine.models import QueueItem, QueueStatus
 from duecourse.errors import ValidationFailed
@@ -19,6 +20,7 @@ from duecourse.strategies.models import Strategy
 from duecourse.tenancy.principal import Permission
 from duecourse.tenancy.scope import get_owned, scoped
 from duecourse.tenancy.service import update_settings
+from duecourse.web.charts import daily_lines
 from duecourse.web.core import CsrfForm, PageRoute, Web, WebPage, page_requires, query_url
 
 router = APIRouter(route_class=PageRoute)
@@ -92,9 +94,11 @@ def execution_page(
     campaigns = web.session.scalars(
         scoped(Campaign, web.principal.organization_id).order_by(Campaign.name)
     ).all()
+    daily = kpis.daily_outcomes(web.session, organization_id=web.principal.organization_id, now=web.now())
     return web.render(
         "execution/page.html",
         active="execution",
+        daily_chart=daily_lines(daily["days"]),
         campaigns=campaigns,
         enqueueable=[c for c in campaigns if c.status == CampaignStatus.active],
         **_live_context(web, status, campaign, cursor),
