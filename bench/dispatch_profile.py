@@ -1,6 +1,6 @@
 """cProfile of one in-process ``run_due`` over N items (the dispatch benchmark's set-up, one worker).
 
-    .venv/bin/python bench/dispatch_profile.py --items 1000 > bench/results/dispatch-profile-1000.txt
+    .venv/bin/python bench/dispatch_profile.py --items 2000 > bench/results/dispatch-profile-2000.txt
 
 Prints the counters, the time, the SQL statements by total time (cursor events) and the cProfile
 listing by cumulative time. The profiler roughly doubles the Python time; read the shares, not the rate.

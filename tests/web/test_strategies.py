@@ -158,7 +158,9 @@ def test_create_a_valid_strategy_then_find_toggle_and_audit_it(server: LiveServe
     expect(page.get_by_test_id("run-now")).to_be_visible()
     expect(page.get_by_test_id("delete")).to_have_count(0)  # active: no Delete
 
+    page.get_by_test_id("row-menu").locator("summary").click()  # close the menu again
     page.get_by_role("link", name="VIP courtesy").click()
+    expect(page).to_have_url(re.compile(r"/strategies/\d+"))
     page.get_by_test_id("tab-audit").click()
     expect(page.get_by_test_id("audit-row")).to_have_count(2)
     expect(page.get_by_test_id("audit-table")).to_contain_text("activated")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from duecourse.channels.base import OutboundMessage, SendResult
@@ -20,16 +19,15 @@ class SandboxProvider:
         self.now = now
 
     def send(self, message: OutboundMessage) -> SendResult:
-        existing = self.session.scalar(
-            select(SandboxMessage).where(SandboxMessage.idempotency_key == message.idempotency_key)
-        )
-        if existing is not None:  # the same attempt again: never a second message
-            return SendResult(existing.provider_ref)
-        row = SandboxMessage(
+        # The row is written in the dispatch's transaction: if it rolls back, there is no row and the
+        # item is still to do; if it commits, the item is completed and never sent again. The unique
+        # idempotency key is the last guard against a second row for the same attempt.
+        provider_ref = f"sandbox-{message.idempotency_key}"
+        self.session.add(SandboxMessage(
             organization_id=message.organization_id,
             account_id=message.account_id,
             idempotency_key=message.idempotency_key,
-            provider_ref=f"sandbox-{message.idempotency_key}",
+            provider_ref=provider_ref,
             channel=message.channel,
             to=message.to,
             subject=message.subject,
@@ -37,7 +35,5 @@ class SandboxProvider:
             body_html=message.body_html,
             tone=message.tone,
             created_at=self.now,
-        )
-        self.session.add(row)
-        self.session.flush()
-        return SendResult(row.provider_ref)
+        ))
+        return SendResult(provider_ref)

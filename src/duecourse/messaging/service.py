@@ -240,9 +240,9 @@ def account_context_for(
     assert org is not None
     invoice = None
     if account.carrying_invoice_id is not None:
-        invoice = session.scalar(
-            scoped(Invoice, organization_id).where(Invoice.id == account.carrying_invoice_id)
-        )
+        invoice = session.get(Invoice, account.carrying_invoice_id)  # the engine has it loaded already
+        if invoice is not None and invoice.organization_id != organization_id:
+            invoice = None
     today = now.astimezone(ZoneInfo(account.timezone or org.timezone)).date()
     pay, unsubscribe = preview_links(account.external_id)
     return rendering.account_context(
