@@ -7,12 +7,11 @@ live beside their adapters; the ones here follow duecourse's own contract
 
 from __future__ import annotations
 
-import json
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
 from duecourse.channels import config as channel_config
@@ -29,6 +28,7 @@ from duecourse.tenancy import audit
 from duecourse.tenancy.models import Organization
 from duecourse.tenancy.principal import Permission, Principal
 
+M = TypeVar("M", bound=BaseModel)
 router = APIRouter(tags=["channels"])
 hooks = APIRouter(tags=["inbound webhooks"])
 Admin = requires(Permission.manage_settings)
@@ -151,19 +151,16 @@ def list_outbox(
 # --- duecourse's own signed inbound webhooks ---------------------------------------------------
 
 
-def verified_body(request: Request, body: bytes, session: Any, *, organization_id: int, secret: str, now: datetime) -> dict[str, Any]:
-    """Check the signature, then parse the JSON object; raises 401 or 400, before anything changes."""
-    webhooks.verify(secret, body, request.headers.get(webhooks.SIGNATURE_HEADER), now=now)
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise webhooks.BadWebhook("body is not JSON") from None
-    if not isinstance(data, dict):
-        raise webhooks.BadWebhook("body must be a JSON object")
-    return data
+async def signed_event(request: Request, model: type[M], *, secret: str, now: datetime) -> M:
+    """A webhook in duecourse's own contract: signature checked (401), body parsed as ``model`` (400),
+    before anything changes."""
+    body = await request.body()
+    data = webhooks.signed_json(secret, body, request.headers.get(webhooks.SIGNATURE_HEADER), now=now)
+    return webhooks.parse_event(model, data)
 
 
-def _org_secret(request: Request, session: Any, organization_id: int, now: datetime) -> str:
+def org_secret(request: Request, session: Any, organization_id: int, now: datetime) -> str:
+    """The organization's inbound signing secret (404 for an unknown organization)."""
     if session.get(Organization, organization_id) is None:
         raise NotFound("No such organization")
     return channel_config.inbound_secret(session, organization_id=organization_id, key=_key(request), now=now)
@@ -178,21 +175,10 @@ class DeliveryEvent(BaseModel):
     error: str | None = Field(None, max_length=2000)
 
 
-def _parse(model: type[BaseModel], data: dict[str, Any]) -> Any:
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise webhooks.BadWebhook(f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
-
-
 @hooks.post("/webhooks/{organization_id}/delivery", summary="Delivery report or bounce (signed; idempotent by event id)")
 async def delivery_webhook(organization_id: int, request: Request, session: DbSession, clock: AppClock) -> dict[str, Any]:
-    body = await request.body()
     now = clock.now()
-    data = verified_body(request, body, session, organization_id=organization_id,
-                         secret=_org_secret(request, session, organization_id, now), now=now)
-    event = _parse(DeliveryEvent, data)
+    event = await signed_event(request, DeliveryEvent, secret=org_secret(request, session, organization_id, now), now=now)
     if event.provider_ref is None and event.queue_item_id is None:
         raise webhooks.BadWebhook("give provider_ref or queue_item_id")
     if not webhooks.receive_once(session, organization_id=organization_id, source="delivery", event_id=event.id, now=now):
@@ -215,12 +201,9 @@ class PaymentEvent(BaseModel):
 
 @hooks.post("/webhooks/{organization_id}/payments", summary="Payment received (signed; idempotent by event id)")
 async def payment_webhook(organization_id: int, request: Request, session: DbSession, clock: AppClock) -> dict[str, Any]:
-    body = await request.body()
     now = clock.now()
-    data = verified_body(request, body, session, organization_id=organization_id,
-                         secret=_org_secret(request, session, organization_id, now), now=now)
-    event = _parse(PaymentEvent, data)
-    payment_in = _parse(PaymentIn, {k: v for k, v in event.payment.items() if k != "source"})
+    event = await signed_event(request, PaymentEvent, secret=org_secret(request, session, organization_id, now), now=now)
+    payment_in = webhooks.parse_event(PaymentIn, {k: v for k, v in event.payment.items() if k != "source"})
     if not webhooks.receive_once(session, organization_id=organization_id, source="payment", event_id=event.id, now=now):
         return {"result": "duplicate"}
     payment = ledger.create_payment(session, organization_id=organization_id, data=payment_in, now=now, source="webhook")

@@ -23,7 +23,7 @@ from sqlalchemy import select, update
 
 from duecourse.channels import config as channel_config
 from duecourse.channels import webhooks
-from duecourse.channels.api import _key, _org_secret, _parse, verified_body
+from duecourse.channels.api import _key, org_secret, signed_event
 from duecourse.channels.links import read_unsubscribe_token
 from duecourse.channels.secrets import SecretsUnreadable
 from duecourse.deps import AppClock, DbSession, requires
@@ -144,11 +144,8 @@ def _provider_ref(message_id: str) -> str:
 @router.post("/webhooks/{organization_id}/email/bounce",
              summary="Email bounce (signed; idempotent by event id); a hard bounce is a delivery failure")
 async def bounce_webhook(organization_id: int, request: Request, session: DbSession, clock: AppClock) -> dict[str, Any]:
-    body = await request.body()
     now = clock.now()
-    data = verified_body(request, body, session, organization_id=organization_id,
-                         secret=_org_secret(request, session, organization_id, now), now=now)
-    event = _parse(BounceEvent, data)
+    event = await signed_event(request, BounceEvent, secret=org_secret(request, session, organization_id, now), now=now)
     ref = _provider_ref(event.message_id)
     if not ref:
         raise webhooks.BadWebhook("message_id: empty")

@@ -14,12 +14,12 @@ from decimal import Decimal
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy.orm import Session
 
 from duecourse.channels import config as channel_config
 from duecourse.channels import webhooks
-from duecourse.channels.api import verified_body
+from duecourse.channels.api import signed_event
 from duecourse.channels.secrets import key_from_settings
 from duecourse.deps import AppClock, DbSession
 from duecourse.engine import outcomes
@@ -138,15 +138,6 @@ def _secret(request: Request, session: Session, organization_id: int) -> str:
     return secret
 
 
-def _parse(data: dict[str, Any]) -> VoiceOutcomeEvent:
-    try:
-        return VoiceOutcomeEvent.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise webhooks.BadWebhook(f"{where + ': ' if where else ''}{first['msg']}") from None
-
-
 _DESCRIPTION = f"""
 The voice service reports how a call ended. One event per call, sent to the `callback_url` given in
 the call request.
@@ -203,11 +194,8 @@ _OPENAPI_BODY = {
     },
 )
 async def voice_outcome_webhook(organization_id: int, request: Request, session: DbSession, clock: AppClock) -> dict[str, Any]:
-    body = await request.body()
     now = clock.now()
-    data = verified_body(request, body, session, organization_id=organization_id,
-                         secret=_secret(request, session, organization_id), now=now)
-    event = _parse(data)
+    event = await signed_event(request, VoiceOutcomeEvent, secret=_secret(request, session, organization_id), now=now)
     if not webhooks.receive_once(session, organization_id=organization_id, source=SOURCE, event_id=event.id, now=now):
         return {"result": "duplicate"}
     try:

@@ -15,7 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 from datetime import datetime
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
 
 from sqlalchemy.orm import Session
 
@@ -24,6 +28,7 @@ from duecourse.db.dialect import insert_for
 from duecourse.errors import DomainError, Unauthorized
 
 SIGNATURE_HEADER = "X-Duecourse-Signature"
+M = TypeVar("M", bound=BaseModel)
 TOLERANCE_SECONDS = 300
 
 
@@ -67,3 +72,25 @@ def receive_once(session: Session, *, organization_id: int, source: str, event_i
         .on_conflict_do_nothing(index_elements=["organization_id", "source", "event_id"])
     )
     return (session.execute(stmt.execution_options(preserve_rowcount=True)).rowcount or 0) == 1
+
+
+def signed_json(secret: str, body: bytes, header: str | None, *, now: datetime) -> dict[str, Any]:
+    """Check the signature (401), then read the body as a JSON object (400): before anything changes."""
+    verify(secret, body, header, now=now)
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise BadWebhook("body is not JSON") from None
+    if not isinstance(data, dict):
+        raise BadWebhook("body must be a JSON object")
+    return data
+
+
+def parse_event(model: type[M], data: dict[str, Any]) -> M:
+    """The event as ``model``; the first problem, with its field path, as a 400."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise BadWebhook(f"{where + ': ' if where else ''}{first['msg']}") from None
