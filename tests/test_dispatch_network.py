@@ -189,3 +189,40 @@ def test_a_delivery_report_faster_than_the_bookkeeping_is_applied_when_the_send_
         assert [(i[0], i[1], i[3]) for i in items(s, aid)] == [
             (0, "completed", None), (1, "skipped", "frequency_limit"), (1, "pending", None)]
     assert counts == {"dispatched": 1, "skipped": 1}
+
+
+def test_an_account_being_sent_to_by_another_worker_waits(db, org, clock):
+    now = clock.now()
+    _setup(db, org, now, [("email", "t", 0), ("email", "t", 0)], multi_stage_handling="run_all_in_order")
+    (aid,) = _debtors(db, org, now, 1, "BUSY")
+    _enqueue(db, org.id, now)
+    remote = Remote()
+    providers = ByOrg({org.id: remote})
+    # Worker A has the first email rendered and on its way to the provider (committed, not recorded).
+    batch = _Batch()
+    with db.transaction() as s:
+        first = claim(s, now=now, worker="A", limit=1)
+        assert len(first) == 1  # a claim takes what it is asked for, on both databases
+        assert process_item(s, item_id=first[0], now=now, worker="A", providers=providers, batch=batch) == "sending"
+        # As if the case had moved on to the second stage meanwhile (the stage order rule would
+        # otherwise hold the second item back on its own).
+        s.get(Account, aid).case_next_stage = 1
+    # Worker B meanwhile: the second email must not go out before A's send is counted.
+    assert run_due(db, now=now, worker="B", providers=providers) == {"deferred": 1}
+    assert remote.sent == []
+    with db.transaction() as s:
+        assert ("deferred", 1, "in_flight") in log(s, aid)
+        second = s.scalars(select(QueueItem).where(QueueItem.account_id == aid, QueueItem.stage_index == 1)).one()
+        assert (second.status.value, second.attempt, second.scheduled_at) == ("pending", 0, now + timedelta(minutes=1))
+
+
+def test_a_claim_takes_exactly_what_it_asks_for(db, org, clock):
+    now = clock.now()
+    _setup(db, org, now, [("email", "t", 0)])
+    _debtors(db, org, now, 5, "CLAIM")
+    _enqueue(db, org.id, now)
+    with db.transaction() as s:
+        assert len(claim(s, now=now, worker="A", limit=2)) == 2
+        assert len(claim(s, now=now, worker="B", limit=2)) == 2
+        statuses = sorted((q.status.value, q.claimed_by) for q in s.scalars(select(QueueItem)))
+    assert statuses == [("pending", None), ("processing", "A"), ("processing", "A"), ("processing", "B"), ("processing", "B")]

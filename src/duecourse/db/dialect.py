@@ -35,3 +35,24 @@ def serialize_on(session: Session, table: Any, row_id: int) -> None:
     so a reading transaction never has to upgrade its lock midway)."""
     pk = table.c.id
     session.execute(update(table).where(pk == row_id).values({pk.name: pk}))
+
+
+def claim_update(
+    session: Session, model: Any, candidates: Any, *, values: dict[str, Any], where: tuple[Any, ...] = (),
+    returning: tuple[Any, ...] = (),
+) -> list[Any]:
+    """Claim the rows whose ids ``candidates`` selects (ordered, limited): one ``UPDATE`` that sets
+    ``values`` and returns ``returning``.
+
+    PostgreSQL: the candidates are locked with ``FOR UPDATE SKIP LOCKED`` in a materialized CTE, so
+    they are chosen exactly once. (Written as ``WHERE id IN (subquery … LIMIT n)``, the planner may
+    run the subquery again for each row, and each run skips the rows this same statement has just
+    updated: a claim of 1 took 2.) SQLite has one writer; the plain subquery is enough there."""
+    if dialect_name(session) == "postgresql":
+        chosen = candidates.with_for_update(skip_locked=True).cte("claim_candidates").prefix_with("MATERIALIZED")
+        stmt = update(model).where(model.id == chosen.c.id, *where)
+    else:
+        stmt = update(model).where(model.id.in_(candidates.scalar_subquery()), *where)
+    return session.execute(
+        stmt.values(**values).returning(*returning).execution_options(synchronize_session=False)
+    ).all()

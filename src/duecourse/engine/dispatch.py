@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session
 from duecourse.campaigns.models import Campaign
 from duecourse.channels.base import OutboundMessage, Provider, ProviderError
 from duecourse.channels.registry import Providers
-from duecourse.db.dialect import dialect_name
+from duecourse.db.dialect import claim_update
 from duecourse.engine.assign import campaigns_enqueueable
 from duecourse.engine.cases import advance, log_event, refresh_account_tab, tabs_refreshed_at_end
 from duecourse.engine.metrics import DISPATCH_SECONDS, DISPATCHES
@@ -89,21 +89,17 @@ def claim(
     paused = paused_organizations(session)
     if paused:
         due = due.where(QueueItem.organization_id.not_in(paused))
-    if dialect_name(session) == "postgresql":
-        due = due.with_for_update(skip_locked=True)
-    rows = session.execute(
-        update(QueueItem)
-        .where(QueueItem.id.in_(due.scalar_subquery()), QueueItem.status == QueueStatus.pending.value)
-        .values(
+    rows = claim_update(
+        session, QueueItem, due, where=(QueueItem.status == QueueStatus.pending.value,),
+        values=dict(
             status=QueueStatus.processing.value,
             claimed_by=worker,
             lease_expires_at=now + timedelta(seconds=lease_seconds),
             attempt=QueueItem.attempt + 1,
             updated_at=now,
-        )
-        .returning(QueueItem.id, QueueItem.scheduled_at, QueueItem.stage_index)
-        .execution_options(synchronize_session=False)
-    ).all()
+        ),
+        returning=(QueueItem.id, QueueItem.scheduled_at, QueueItem.stage_index),
+    )
     # Handled in schedule order, and a case's stages in their order.
     return [r[0] for r in sorted(rows, key=lambda r: (r[1], r[2], r[0]))]
 
@@ -150,6 +146,8 @@ class _Batch:
 
     sends: list[_Send] = field(default_factory=list)
     busy_accounts: set[int] = field(default_factory=set)
+    # Accounts with a message on its way out through another worker (claimed, not yet recorded).
+    in_flight_elsewhere: set[int] = field(default_factory=set)
     # Read for the whole batch up front (``_preload``) instead of item by item.
     preloaded: bool = False
     items: dict[int, QueueItem] = field(default_factory=dict)
@@ -186,6 +184,12 @@ def _preload(session: Session, batch: _Batch, ids: list[int], *, worker: str, no
             )
         ):
             batch.contacts[account_id].append((at, str(channel)))
+        batch.in_flight_elsewhere = set(session.scalars(
+            select(QueueItem.account_id).where(
+                QueueItem.account_id.in_(account_ids), QueueItem.status == QueueStatus.processing.value,
+                QueueItem.claimed_by != worker, QueueItem.lease_expires_at >= now,
+            )
+        ))
         invoice_ids = {a.carrying_invoice_id for a in accounts if a.carrying_invoice_id is not None}
         if invoice_ids:
             batch.invoices = list(session.scalars(select(Invoice).where(Invoice.id.in_(invoice_ids))))
@@ -244,6 +248,10 @@ def process_item(
     if ctx.settings.automation.engine_paused:
         _release(ctx)
         return "released"
+    if batch is not None and account.id in batch.in_flight_elsewhere and item.action in CONTACT_CHANNELS:
+        # Another worker is sending this account a message right now; its interaction is not written
+        # yet, so the frequency limits could not count it. Look again in a minute.
+        return _hold(ctx, now + timedelta(minutes=1), reason="in_flight")
     invalid = _revalidate(ctx)
     if invalid is not None:
         return invalid
@@ -463,7 +471,8 @@ def _dispatch(ctx: _Ctx, providers: ProviderFactory, batch: _Batch | None = None
             return _fail(ctx, f"provider configuration: {exc}", retryable=False, reason="provider_configuration")
         if batch is not None and not getattr(provider, "in_transaction", False):
             # Sent after this transaction commits; the lease covers the wait for the network.
-            item.lease_expires_at = ctx.now + timedelta(seconds=300 + len(batch.sends) * 30)
+            timeout = getattr(getattr(providers, "settings", None), "provider_timeout_seconds", 10.0)
+            item.lease_expires_at = ctx.now + timedelta(seconds=300 + (len(batch.sends) + 1) * max(30.0, 2 * timeout))
             batch.sends.append(_Send(item.id, ctx.org.id, channel, provider, message))
             return "sending"
         try:
@@ -529,13 +538,14 @@ def _emit_stage_event(ctx: _Ctx, channel: str) -> None:
                "strategy_id": ctx.item.strategy_id, "stage_index": ctx.item.stage_index})
 
 
-def _hold(ctx: _Ctx, until: datetime) -> str:
-    """The channel's provider is cooling down after a failure: wait without spending an attempt."""
+def _hold(ctx: _Ctx, until: datetime, *, reason: str = "provider_unavailable") -> str:
+    """Wait without spending an attempt: the channel's provider is cooling down after a failure, or
+    another worker is sending this account a message right now."""
     _release(ctx)
     ctx.item.scheduled_at = until
     log_event(ctx.session, ctx.account, at=ctx.now, event="deferred", stage_index=ctx.item.stage_index,
-              queue_item_id=ctx.item.id, reason="provider_unavailable", details={"until": until.isoformat()})
-    return "deferred:provider_unavailable"
+              queue_item_id=ctx.item.id, reason=reason, details={"until": until.isoformat()})
+    return f"deferred:{reason}"
 
 
 def _provider_failed(ctx: _Ctx, exc: ProviderError) -> str:

@@ -36,7 +36,7 @@ from sqlalchemy.orm import Session
 from duecourse import __version__
 from duecourse.channels import secrets as secret_box
 from duecourse.channels.webhooks import SIGNATURE_HEADER, sign
-from duecourse.db.dialect import dialect_name
+from duecourse.db.dialect import claim_update
 from duecourse.errors import Conflict, FieldError, ValidationFailed
 from duecourse.events.models import DeliveryStatus, EventDelivery, EventSubscription
 from duecourse.pagination import PageParams, paginate
@@ -358,21 +358,17 @@ def claim(session: Session, *, now: datetime, worker: str, limit: int, lease_sec
     """Claim up to ``limit`` due deliveries as leases: pending ones whose time has come, and processing
     ones whose lease ran out (their worker died). Each claim counts as an attempt."""
     due = select(EventDelivery.id).where(*_due(now)).order_by(EventDelivery.next_attempt_at, EventDelivery.id).limit(limit)
-    if dialect_name(session) == "postgresql":
-        due = due.with_for_update(skip_locked=True)
-    rows = session.execute(
-        update(EventDelivery)
-        .where(EventDelivery.id.in_(due.scalar_subquery()), *_due(now))
-        .values(
+    rows = claim_update(
+        session, EventDelivery, due, where=_due(now),
+        values=dict(
             status=DeliveryStatus.processing.value,
             claimed_by=worker,
             next_attempt_at=now + timedelta(seconds=lease_seconds),
             attempts=EventDelivery.attempts + 1,
             updated_at=now,
-        )
-        .returning(EventDelivery.id)
-        .execution_options(synchronize_session=False)
-    ).all()
+        ),
+        returning=(EventDelivery.id,),
+    )
     return sorted(r[0] for r in rows)
 
 
