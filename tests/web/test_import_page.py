@@ -36,9 +36,18 @@ def test_bad_csv_is_refused_then_good_csv_imports(server: LiveServer, web_org: W
     expect(error.get_by_test_id("err-column")).to_have_text("score")
     expect(error.get_by_test_id("err-message")).not_to_be_empty()
     assert _accounts(server, web_org) == 0
-    # The good file: the counts; the same file again changes nothing.
+    # The good file: the counts; the same file again changes nothing. While it travels and the
+    # server imports, the page shows the progress bar (the request is held here to look at it).
+    held = []
+    page.route("**/import", lambda route: held.append(route) if route.request.method == "POST" else route.continue_())
     page.get_by_test_id("import-file").set_input_files(str(good))
     page.get_by_test_id("import-submit").click()
+    expect(page.get_by_test_id("import-progress")).to_be_visible()
+    expect(page.get_by_test_id("import-busy")).to_be_visible()
+    page.wait_for_function("() => true")  # let the route handler run
+    assert len(held) == 1
+    held[0].continue_()
+    page.unroute("**/import")
     expect(page.get_by_test_id("import-inserted")).to_have_text("2")
     expect(page.get_by_test_id("import-rows")).to_have_text("2")
     assert _accounts(server, web_org) == 2

@@ -136,9 +136,32 @@
     });
   }
 
+  // form[data-upload-progress="id"]: send the form with XMLHttpRequest so the <progress id> shows the
+  // upload; once the file is up the bar turns indeterminate while the server works, then the answer
+  // replaces the page. Without JS the form posts as usual.
+  function uploadForm(form) {
+    form.addEventListener("submit", function (e) {
+      if (e.defaultPrevented || !window.FormData) return;
+      e.preventDefault();
+      var bar = document.getElementById(form.dataset.uploadProgress);
+      var xhr = new XMLHttpRequest();
+      xhr.open("POST", form.action);
+      if (bar) bar.hidden = false;
+      xhr.upload.onprogress = function (ev) { if (bar && ev.lengthComputable) bar.value = Math.round(100 * ev.loaded / ev.total); };
+      xhr.upload.onload = function () { if (bar) bar.removeAttribute("value"); };
+      xhr.onload = function () {
+        document.open(); document.write(xhr.responseText); document.close();
+        if (xhr.responseURL) history.replaceState(null, "", xhr.responseURL);
+      };
+      xhr.onerror = function () { HTMLFormElement.prototype.submit.call(form); };
+      xhr.send(new FormData(form));
+    });
+  }
+
   function init(root) {
     root.querySelectorAll("[data-refresh]").forEach(function (el) { if (!refreshing[el.id]) { refreshing[el.id] = true; startRefresh(el); } });
     root.querySelectorAll("form[data-live]").forEach(liveForm);
+    root.querySelectorAll("form[data-upload-progress]").forEach(uploadForm);
     root.querySelectorAll("ol[data-sortable]").forEach(sortable);
     root.querySelectorAll("select[data-action-select]").forEach(stageAction);
     root.querySelectorAll("form[data-confirm]").forEach(function (f) {
