@@ -726,6 +726,15 @@ def test_kpis(org, db, clock):
         "contact_rate": 0.3333,
         "progress_percent": 33.3,
     }
+    # The list page asks for many campaigns at once: the same figures, one grouped query per KPI.
+    from duecourse.campaigns import service as campaign_service
+
+    with db.transaction() as s:
+        both = campaign_service.kpis_for(s, organization_id=org.id, campaign_ids=[cid, other["id"]])
+        for campaign_id in (cid, other["id"]):
+            assert both[campaign_id] == campaign_service.kpis(s, organization_id=org.id, campaign_id=campaign_id)
+    assert (both[other["id"]]["total_accounts"], both[other["id"]]["promises"]) == (1, 1)
+    assert str(both[other["id"]]["recovered_amount"]) == "999.0000"
 
 
 @pytest.mark.parametrize("role", ["viewer", "agent"])

@@ -584,48 +584,62 @@ def list_members(
 
 
 def kpis(session: Session, *, organization_id: int, campaign_id: int) -> dict[str, Any]:
-    """SPEC §5 KPIs, each one SQL aggregate over the campaign's current members."""
+    """SPEC §5 KPIs of one campaign."""
     campaign = get_campaign(session, organization_id=organization_id, campaign_id=campaign_id)
-    member = and_(Account.organization_id == organization_id, Account.campaign_id == campaign.id)
-    total = _member_count(session, organization_id=organization_id, campaign_id=campaign.id)
-    contacted = int(
-        session.scalar(
-            select(func.count(func.distinct(Interaction.account_id)))
+    return kpis_for(session, organization_id=organization_id, campaign_ids=[campaign.id])[campaign.id]
+
+
+def kpis_for(session: Session, *, organization_id: int, campaign_ids: list[int]) -> dict[int, dict[str, Any]]:
+    """SPEC §5 KPIs of several campaigns of the organization (a list page): each KPI is one SQL
+    aggregate over the campaigns' current members, grouped by campaign."""
+    if not campaign_ids:
+        return {}
+    member = and_(Account.organization_id == organization_id, Account.campaign_id.in_(campaign_ids))
+    totals = dict(session.execute(select(Account.campaign_id, func.count()).where(member).group_by(Account.campaign_id)).all())
+    contacted = dict(
+        session.execute(
+            select(Account.campaign_id, func.count(func.distinct(Interaction.account_id)))
             .join(Account, Account.id == Interaction.account_id)
             .where(
                 member,
                 Interaction.organization_id == organization_id,
-                Interaction.campaign_id == campaign.id,
+                Interaction.campaign_id == Account.campaign_id,
                 Interaction.direction == Direction.outbound.value,
             )
-        )
-        or 0
+            .group_by(Account.campaign_id)
+        ).all()
     )
-    promises = int(
-        session.scalar(
-            select(func.count(Promise.id))
+    promises = dict(
+        session.execute(
+            select(Account.campaign_id, func.count(Promise.id))
             .join(Account, Account.id == Promise.account_id)
             .where(member, Promise.created_at >= Account.campaign_joined_at)
-        )
-        or 0
+            .group_by(Account.campaign_id)
+        ).all()
     )
-    recovered_rows = session.execute(
-        select(Payment.currency, func.sum(Payment.amount))
+    recovered: dict[int, dict[str, Decimal]] = {}
+    for campaign_id, currency, amount in session.execute(
+        select(Account.campaign_id, Payment.currency, func.sum(Payment.amount))
         .join(Account, Account.id == Payment.account_id)
         .where(member, Payment.paid_on >= func.date(Account.campaign_joined_at))
-        .group_by(Payment.currency)
-    ).all()
-    by_currency = {cur: Decimal(amount) for cur, amount in recovered_rows}
+        .group_by(Account.campaign_id, Payment.currency)
+    ):
+        recovered.setdefault(campaign_id, {})[currency] = Decimal(amount)
     org = session.get(Organization, organization_id)
     assert org is not None
-    return {
-        "campaign_id": campaign.id,
-        "total_accounts": total,
-        "contacted": contacted,
-        "promises": promises,
-        "recovered_amount": by_currency.get(org.base_currency, Decimal(0)),
-        "currency": org.base_currency,
-        "recovered_by_currency": by_currency,
-        "contact_rate": round(contacted / total, 4) if total else 0.0,
-        "progress_percent": round(100.0 * contacted / total, 1) if total else 0.0,
-    }
+    out: dict[int, dict[str, Any]] = {}
+    for campaign_id in campaign_ids:
+        total, reached = int(totals.get(campaign_id, 0)), int(contacted.get(campaign_id, 0))
+        by_currency = recovered.get(campaign_id, {})
+        out[campaign_id] = {
+            "campaign_id": campaign_id,
+            "total_accounts": total,
+            "contacted": reached,
+            "promises": int(promises.get(campaign_id, 0)),
+            "recovered_amount": by_currency.get(org.base_currency, Decimal(0)),
+            "currency": org.base_currency,
+            "recovered_by_currency": by_currency,
+            "contact_rate": round(reached / total, 4) if total else 0.0,
+            "progress_percent": round(100.0 * reached / total, 1) if total else 0.0,
+        }
+    return out

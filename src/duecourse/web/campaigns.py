@@ -109,9 +109,8 @@ def campaign_list(
         web.session, organization_id=org_id, params=PageParams(limit=LIST_SIZE, cursor=cursor),
         status=status_filter, search=q,
     )
-    rows = [
-        {"c": c, "kpis": service.kpis(web.session, organization_id=org_id, campaign_id=c.id)} for c in page["items"]
-    ]
+    kpis = service.kpis_for(web.session, organization_id=org_id, campaign_ids=[c.id for c in page["items"]])
+    rows = [{"c": c, "kpis": kpis[c.id]} for c in page["items"]]
     filters = {"q": q or "", "status": status_filter or ""}
     return web.render(
         "campaigns/list.html",
