@@ -187,11 +187,12 @@ def test_payment_emits_and_the_delivery_is_signed(db, app, org, clock, receiver)
     assert deliveries(org) == []
     pay = make_payment(org, a["id"], "100.00", reference="wire 7")
     queued = deliveries(org)
-    assert [d["event_type"] for d in queued] == ["account.resolved", "payment.received"]  # newest first
+    # The account was never in collection (no case): its payment is news, its resolution is not.
+    assert [d["event_type"] for d in queued] == ["payment.received"]
     assert all(d["status"] == "pending" and d["attempts"] == 0 for d in queued)
 
-    assert deliver(db, app, clock) == {"claimed": 2, "delivered": 2}
-    assert len(receiver.received) == 2
+    assert deliver(db, app, clock) == {"claimed": 1, "delivered": 1}
+    assert len(receiver.received) == 1
     by_type = {r.headers["x-duecourse-event"]: r for r in receiver.received}
     for rec in receiver.received:
         assert_signed(rec, sub["secret"], clock.now())
@@ -203,8 +204,6 @@ def test_payment_emits_and_the_delivery_is_signed(db, app, org, clock, receiver)
         k: paid["data"][k] for k in ("payment_id", "account_id", "account_external_id", "amount", "currency", "reference", "account_balance")
     } == {"payment_id": pay["id"], "account_id": a["id"], "account_external_id": a["external_id"], "amount": "100.00",
           "currency": "EUR", "reference": "wire 7", "account_balance": "0.00"}
-    resolved = by_type["account.resolved"].body
-    assert resolved["data"]["account_id"] == a["id"] and resolved["data"]["cause"] == "payment"
     log = {d["event_type"]: d for d in deliveries(org)}
     assert str(log["payment.received"]["id"]) == by_type["payment.received"].headers["x-duecourse-delivery"]
     d = log["payment.received"]
@@ -215,6 +214,36 @@ def test_payment_emits_and_the_delivery_is_signed(db, app, org, clock, receiver)
     assert deliver(db, app, clock) == {}
     make_payment(org, a["id"], "5.00")
     assert [d["event_type"] for d in deliveries(org, status="pending")] == ["payment.received"]
+
+
+def test_an_account_in_collection_emits_account_resolved_once_however_its_balance_reaches_zero(db, app, org, clock):
+    from datetime import date
+
+    from tests.engine_helpers import debtor, refresh
+    from tests.test_engine_dispatch import _setup
+    from duecourse.engine.cycle import tick
+
+    subscribe(org, "https://erp.example.com/in", ["account.resolved"])
+    now = clock.now()
+    _setup(db, org, now, [("email", "t", 0), ("email", "p", 5)])
+    with db.transaction() as s:
+        paid = debtor(s, org.id, now, "PAID", due=date(2026, 3, 1), total="80.00").id
+        credited = debtor(s, org.id, now, "CREDITED", due=date(2026, 3, 1), total="60.00").id
+        refresh(s, org.id, now)
+    tick(db, now=now)  # both are in collection now: assigned, first email sent
+    assert deliveries(org) == []
+    make_payment(org, paid, "80.00")
+    invoice = org.get(f"{API}/invoices?account_id={credited}").json()["items"][0]
+    assert org.delete(f"{API}/invoices/{invoice['id']}").status_code == 204  # the invoice was cancelled
+    resolved = [d for d in deliveries(org) if d["event_type"] == "account.resolved"]
+    assert sorted(d["payload"]["data"]["account_id"] for d in resolved) == sorted([paid, credited])
+    for d in resolved:
+        data = d["payload"]["data"]
+        assert (data["cause"], data["previous_status"], data["account_balance"]) == (
+            "balance_zero", "in_auto_management", "0.00")
+    # A second payment on the resolved account is not a second resolution.
+    make_payment(org, paid, "5.00")
+    assert len([d for d in deliveries(org) if d["event_type"] == "account.resolved"]) == 2
 
 
 def test_promise_created_is_emitted_and_unsubscribed_types_are_not(db, app, org, other_org, clock, receiver):

@@ -553,20 +553,19 @@ def promise_data(promise: Any, account: Any, *, paid: Decimal | None = None) -> 
     return data
 
 
-def payment_recorded(session: Session, *, payment: Any, account: Any, was_resolved: bool, now: datetime) -> int:
-    """``payment.received`` for a payment just recorded and allocated, and ``account.resolved`` when it
-    brought the account to zero. Nothing is read beyond the subscription lookup unless someone listens."""
+def payment_recorded(session: Session, *, payment: Any, account: Any, now: datetime) -> int:
+    """``payment.received`` for a payment just recorded and allocated (``account.resolved``, when
+    the payment settled an account in collection, comes from the balance refresh itself). Nothing is
+    read beyond the subscription lookup unless someone listens."""
     subscribers = _subscribers(session, payment.organization_id)
-    if not subscribers:
+    wanted = [sid for sid, types in subscribers if "payment.received" in types]
+    if not wanted:
         return 0
-    from duecourse.ledger.models import Account, AccountStatus  # the ledger imports this module
+    from duecourse.ledger.models import Account  # the ledger imports this module
 
-    status, balance = session.execute(
-        select(Account.status, Account.balance).where(Account.id == account.id)
-    ).one()
-    queued = _queue(
-        session, organization_id=payment.organization_id, type="payment.received", now=now,
-        subscription_ids=[sid for sid, types in subscribers if "payment.received" in types],
+    balance = session.scalar(select(Account.balance).where(Account.id == account.id))
+    return _queue(
+        session, organization_id=payment.organization_id, type="payment.received", now=now, subscription_ids=wanted,
         data={
             "payment_id": payment.id, "external_id": payment.external_id, **account_data(account),
             "amount": money(payment.amount, payment.currency), "currency": payment.currency,
@@ -574,11 +573,27 @@ def payment_recorded(session: Session, *, payment: Any, account: Any, was_resolv
             "invoice_id": payment.invoice_id, "account_balance": money(balance, account.currency),
         },
     )
-    if status == AccountStatus.resolved and not was_resolved:
+
+
+def accounts_resolved(session: Session, *, organization_id: int, which: Any, now: datetime) -> int:
+    """``account.resolved`` for every account that ``which`` (a condition on accounts) is about to
+    resolve: its balance reached zero, by a payment, a credit or an invoice change, and its case ends.
+    One query for the subscriptions; the accounts are read only when someone listens."""
+    wanted = [sid for sid, types in _subscribers(session, organization_id) if "account.resolved" in types]
+    if not wanted:
+        return 0
+    from duecourse.ledger.models import Account  # the ledger imports this module
+
+    queued = 0
+    rows = session.execute(  # columns, not ORM objects: the balances were just recomputed in SQL
+        select(Account.id, Account.external_id, Account.name, Account.status, Account.balance, Account.currency)
+        .where(which).order_by(Account.id)
+    )
+    for account_id, external_id, name, status, balance, currency in rows:
         queued += _queue(
-            session, organization_id=payment.organization_id, type="account.resolved", now=now,
-            subscription_ids=[sid for sid, types in subscribers if "account.resolved" in types],
-            data={**account_data(account), "cause": "payment", "payment_id": payment.id,
-                  "account_balance": money(balance, account.currency)},
+            session, organization_id=organization_id, type="account.resolved", now=now, subscription_ids=wanted,
+            data={"account_id": account_id, "account_external_id": external_id, "account_name": name,
+                  "cause": "balance_zero", "previous_status": getattr(status, "value", status),
+                  "account_balance": money(balance, currency)},
         )
     return queued

@@ -314,9 +314,13 @@ def apply_balance_transitions(session: Session, *, organization_id: int, now: da
         cause="balance_zero",
     )
     # An account that never had a case (no debt since it was loaded) resolves silently.
+    in_collection = and_(Account.id.in_(to_resolve), Account.status != AccountStatus.unassigned.value)
+    from duecourse.events.service import accounts_resolved  # events reads the ledger's tables
+
+    accounts_resolved(session, organization_id=organization_id, which=in_collection, now=now)
     log_accounts(
         session,
-        where=and_(Account.id.in_(to_resolve), Account.status != AccountStatus.unassigned.value),
+        where=in_collection,
         at=now,
         event="resolved",
         reason="balance_zero",

@@ -661,9 +661,8 @@ def create_payment(
     )
     session.add(payment)
     session.flush()
-    was_resolved = account.status == AccountStatus.resolved
     allocation.allocate_payments(session, organization_id=organization_id, account_ids=[account.id], now=now)
-    events.payment_recorded(session, payment=payment, account=account, was_resolved=was_resolved, now=now)
+    events.payment_recorded(session, payment=payment, account=account, now=now)
     return payment
 
 
