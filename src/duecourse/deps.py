@@ -45,15 +45,22 @@ def _principal(request: Request, session: DbSession, clock: AppClock) -> Princip
         if principal is None:
             raise Unauthorized("Invalid or revoked API key")
         return principal
+    principal = principal_from_cookie(request, session)
+    if principal is None:
+        raise Unauthorized()
+    return principal
+
+
+def principal_from_cookie(request: Request, session: Session) -> Principal | None:
+    """The logged-in user of the session cookie (the web pages and the API share it), or None."""
     cookie = request.cookies.get(SESSION_COOKIE)
-    if cookie:
-        settings = request.app.state.settings
-        data = load_session_token(settings.secret_key, cookie, settings.session_max_age_seconds)
-        if data and isinstance(data.get("uid"), int):
-            principal = tenancy.principal_for_user(session, data["uid"])
-            if principal is not None:
-                return principal
-    raise Unauthorized()
+    if not cookie:
+        return None
+    settings = request.app.state.settings
+    data = load_session_token(settings.secret_key, cookie, settings.session_max_age_seconds)
+    if not data or not isinstance(data.get("uid"), int):
+        return None
+    return tenancy.principal_for_user(session, data["uid"])
 
 
 CurrentPrincipal = Annotated[Principal, Depends(_principal)]

@@ -37,12 +37,10 @@ from sqlalchemy.orm import Session
 from starlette.datastructures import FormData
 
 from duecourse.clock import Clock
-from duecourse.deps import SESSION_COOKIE, AppClock, DbSession
+from duecourse.deps import SESSION_COOKIE, AppClock, DbSession, principal_from_cookie
 from duecourse.errors import DomainError, FieldError, ValidationFailed
-from duecourse.tenancy import service as tenancy
 from duecourse.tenancy.models import Organization, User
 from duecourse.tenancy.principal import Permission, Principal
-from duecourse.tenancy.security import load_session_token
 
 HERE = Path(__file__).parent
 templates = Jinja2Templates(directory=str(HERE / "templates"))
@@ -182,18 +180,13 @@ def _read_flash(request: Request) -> list[tuple[str, str]]:
 
 
 def _web(request: Request, session: DbSession, clock: AppClock) -> Web:
-    cookie = request.cookies.get(SESSION_COOKIE)
-    if cookie:
-        settings = request.app.state.settings
-        data = load_session_token(settings.secret_key, cookie, settings.session_max_age_seconds)
-        if data and isinstance(data.get("uid"), int):
-            principal = tenancy.principal_for_user(session, data["uid"])
-            if principal is not None:
-                user = session.get(User, data["uid"])
-                org = session.get(Organization, principal.organization_id)
-                assert user is not None and org is not None
-                return Web(request, session, clock, principal, user, org, _read_flash(request))
-    raise LoginRequired(request)
+    principal = principal_from_cookie(request, session)
+    if principal is None:
+        raise LoginRequired(request)
+    user = session.get(User, principal.user_id)
+    org = session.get(Organization, principal.organization_id)
+    assert user is not None and org is not None
+    return Web(request, session, clock, principal, user, org, _read_flash(request))
 
 
 WebPage = Annotated[Web, Depends(_web)]
