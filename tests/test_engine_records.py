@@ -74,3 +74,21 @@ def test_engine_controls_and_kpis(org, other_org, records, clock):
     r = org.post("/api/v1/engine/enqueue", json={"campagin_id": 1})
     assert r.status_code == 422 and r.json()["error"]["fields"][0]["field"] == "campagin_id"
     assert org.post("/api/v1/engine/enqueue", json={}).json()["paused"] is False
+
+
+def test_deleting_an_account_deletes_its_engine_history_only(db, org, records, clock):
+    now = clock.now()
+    with db.transaction() as s:
+        other = Account(organization_id=org.id, external_id="A2", name="A2", currency="EUR", created_at=now, updated_at=now)
+        s.add(other)
+        s.flush()
+        s.add(ExecutionLogEntry(organization_id=org.id, account_id=other.id, at=now, event="assigned"))
+        other_id = other.id
+    assert org.delete(f"/api/v1/accounts/{records['account']}").status_code == 204
+    with db.transaction() as s:
+        # The log has no foreign keys (bulk writes); the account's delete removes its entries itself.
+        assert s.query(ExecutionLogEntry).filter_by(account_id=records["account"]).count() == 0
+        assert s.query(QueueItem).filter_by(account_id=records["account"]).count() == 0
+        assert s.query(Interaction).filter_by(account_id=records["account"]).count() == 0
+        assert s.query(Task).filter_by(account_id=records["account"]).count() == 0
+        assert [e.event for e in s.query(ExecutionLogEntry).filter_by(account_id=other_id)] == ["assigned"]

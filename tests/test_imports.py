@@ -311,6 +311,52 @@ def test_organizations_are_isolated(org, other_org, db):
     assert bad["errors"][0]["column"] == "account_external_id"
 
 
+def test_deleting_an_organization_deletes_its_ledger_through_its_accounts(org, other_org, db):
+    """invoices, account_tags, payments and payment_allocations have no foreign key to organizations
+    (ledger.models.tenant_of_account): an organization's delete reaches them through its accounts."""
+    for o in (org, other_org):
+        ok(o, "accounts", ACCOUNTS)
+        ok(o, "invoices", INVOICES)
+        ok(o, "payments", PAYMENTS)
+    tables = ("accounts", "account_tags", "invoices", "payments", "payment_allocations")
+
+    def counts(org_id: int) -> dict[str, int]:
+        with db.engine.connect() as conn:
+            return {
+                t: conn.execute(text(f"SELECT COUNT(*) FROM {t} WHERE organization_id = :o"), {"o": org_id}).scalar()
+                for t in tables
+            }
+
+    before = counts(other_org.id)
+    assert all(before.values()), before  # every table has rows of both organizations
+    assert counts(org.id) == before
+    with db.engine.begin() as conn:
+        conn.execute(text("DELETE FROM organizations WHERE id = :o"), {"o": org.id})
+    assert counts(org.id) == dict.fromkeys(tables, 0)
+    assert counts(other_org.id) == before
+
+
+def test_tags_of_new_and_changed_accounts(org, db):
+    """New accounts get their tags (ids drawn at staging on PostgreSQL); a changed account's tags
+    become the file's; an account whose row gives no tags column keeps its tags."""
+    ok(org, "accounts", "external_id,name,tags\nT1,One,a|b\nT2,Two,c\nT3,Three,\n")
+    report = ok(org, "accounts", "external_id,name,tags\nT1,One,b|d\nT2,Two,c\nT3,Three,e\nT4,Four,f|g\n")
+    assert (report["inserted"], report["updated"], report["unchanged"]) == (1, 2, 1)
+    ok(org, "accounts", "external_id,name\nT2,Two renamed\n")
+
+    with db.engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                """SELECT a.external_id, g.tag, g.organization_id FROM account_tags g
+                   JOIN accounts a ON a.id = g.account_id ORDER BY a.external_id, g.tag"""
+            )
+        ).all()
+    assert [(r[0], r[1]) for r in rows] == [
+        ("T1", "b"), ("T1", "d"), ("T2", "c"), ("T3", "e"), ("T4", "f"), ("T4", "g"),
+    ]  # fmt: skip
+    assert {r[2] for r in rows} == {org.id}
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input: the right row, column and reason, and nothing changes
 
@@ -561,6 +607,54 @@ def test_email_fast_path_agrees_with_email_validator(value):
     assert got == expected
 
 
+@pytest.mark.parametrize(
+    "value",
+    ["0", "0.00", "5", "5.", "5.5", ".5", ".", "-5", "-0.5", "1.2345", "1.23450000", "1.23456", "00012.10",
+     "99999999999999.9999", "100000000000000", "1e5", "1,5", "5.5.5", "+5", "5_0", "5.0_0", "١٢٣.٤"],
+)  # fmt: skip
+def test_money_fast_path_agrees_with_the_rule(value):
+    """parse_money's shortcut for plain digits gives what the regular-expression rule gives."""
+    import re
+
+    from duecourse.ledger.import_rows import MONEY_MAX_UNITS, parse_money
+
+    m = re.fullmatch(r"(-?)(\d*)(?:\.(\d*))?", value)
+    expected: int | None = None
+    if m and (m.group(2) or m.group(3)) and not m.group(1):
+        frac = (m.group(3) or "").rstrip("0")
+        if len(frac) <= 4:
+            units = int(m.group(2) or "0") * 10_000 + int(frac.ljust(4, "0"))
+            expected = units if units < MONEY_MAX_UNITS else None
+    try:
+        got: int | None = parse_money(value)
+    except ValueError:
+        got = None
+    assert got == expected
+
+
+def test_csv_records_as_lists_validate_like_dicts():
+    """The CSV fast path (fields by header position) stages and reports exactly what the
+    dict path (used for JSON) does, bad rows included."""
+    from duecourse.ledger.import_rows import ErrorLog, FileFormat, ImportKind, RowValidator, read_records
+
+    files = {
+        ImportKind.accounts: ACCOUNTS + "A4,,bad@,+1,,Mars/Base,e,XXX,101,a|b,maybe,,,,,,\nA5,Eve,,,,,,,,,,,,,,,\n",
+        ImportKind.invoices: INVOICES + "I5,A1,,,1.00001,2,2026-01-02,2026-01-01,closed,x\nI6,,,JPY,1.5,,2026-13-01,,,\n",
+        ImportKind.payments: PAYMENTS + "P3,A1,,0,EUR,2026-02-30,\nP4,A1,,1.005,JPY,2026-02-01,r\n",
+    }
+    for kind, content in files.items():
+        out = []
+        for lists in (False, True):
+            errors = ErrorLog()
+            validate = RowValidator(kind, errors)
+            hook = validate.use_header if lists else None
+            stream = io.BufferedReader(io.BytesIO(content.encode()))  # type: ignore[arg-type]
+            staged = [validate(r, line, rec) for r, line, rec in read_records(stream, kind, FileFormat.csv, errors, hook)]
+            out.append((staged, errors.errors))
+        assert out[0] == out[1], kind
+        assert out[0][1], kind  # the bad rows were reported
+
+
 def test_phone_validity_shortcut_agrees_with_phonenumbers_everywhere():
     """Every region's example numbers of every type, and random variations of them: the compiled
     metadata shortcut gives exactly phonenumbers.is_valid_number's answer."""
@@ -662,3 +756,113 @@ def test_single_pass_refresh_declines_accounts_with_a_case(org, db, clock):
             s, organization_id=org.id, exclusions=get_settings(s, org.id).exclusions, now=clock.now()
         )
         assert _account_rows(s) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipelined path (PostgreSQL): new rows written chunk by chunk while the file is read
+
+MORE_ACCOUNTS = ACCOUNTS + "A4,Dan,,,,,,JPY,,x,,,,,,,\nA5,Eve,,,,,,,,,,,,,,,\n"
+MORE_INVOICES = INVOICES + (
+    "I5,A4,,,1000,0,2026-01-01,2026-02-01,,\n"  # JPY taken from the account
+    "I6,A5,N-6,EUR,5,5,2026-01-01,2026-02-01,open,\n"  # paid in full: status paid
+    "I7,A2,,,7.5,1,2026-01-01,2026-02-01,void,true\n"
+)
+
+
+def _ledger_state(db: Any, org_id: int) -> dict[str, list[tuple[Any, ...]]]:
+    """An organization's ledger rows by external ids (no surrogate ids, no timestamps)."""
+    queries = {
+        "accounts": """SELECT external_id, name, email, phone, whatsapp, timezone, language, currency, score,
+                opt_out_email, opt_out_sms, opt_out_whatsapp, opt_out_voice, blocked, blocked_reason, paused,
+                on_stop, status, strategy_id, case_number, balance, gross_open, carrying_due_date, collection_tab,
+                (SELECT i.external_id FROM invoices i WHERE i.id = a.carrying_invoice_id)
+            FROM accounts a WHERE organization_id = :o ORDER BY a.external_id""",
+        "tags": """SELECT a.external_id, g.tag, g.organization_id = a.organization_id FROM account_tags g
+            JOIN accounts a ON a.id = g.account_id WHERE g.organization_id = :o ORDER BY 1, 2""",
+        "invoices": """SELECT i.external_id, a.external_id, i.number, i.currency, i.total, i.amount_paid,
+                i.issue_date, i.due_date, i.status, i.disputed, i.organization_id = a.organization_id
+            FROM invoices i JOIN accounts a ON a.id = i.account_id WHERE i.organization_id = :o ORDER BY 1""",
+        "id_order": """SELECT external_id FROM accounts WHERE organization_id = :o ORDER BY id""",
+    }
+    with db.engine.connect() as conn:
+        return {k: [tuple(r) for r in conn.execute(text(q), {"o": org_id})] for k, q in queries.items()}
+
+
+@pytest.fixture
+def pipelined_calls(monkeypatch):
+    """Chunks of two rows, and a record of what the pipelined path decided each time."""
+    from duecourse.ledger import imports
+
+    calls: list[bool] = []
+    real = imports._run_pipelined
+
+    def spy(*args: Any, **kwargs: Any) -> bool:
+        calls.append(real(*args, **kwargs))
+        return calls[-1]
+
+    monkeypatch.setattr(imports, "PIPELINE_CHUNK_ROWS", 2)
+    monkeypatch.setattr(imports, "_run_pipelined", spy)
+    return calls
+
+
+def _run(db: Any, org_id: int, kind: str, content: str, now: Any, **kw: Any) -> dict[str, Any]:
+    with db.transaction() as s:
+        stream = io.BytesIO(content.encode())
+        return run_import(s, organization_id=org_id, kind=kind, stream=stream, now=now, batch_rows=1, **kw).as_dict()
+
+
+def test_pipelined_path_writes_what_the_general_path_writes(org, other_org, db, clock, pipelined_calls, monkeypatch):
+    from duecourse.ledger import imports
+
+    pg = db.engine.dialect.name == "postgresql"
+    fast = [_run(db, org.id, kind, content, clock.now()) for kind, content in (("accounts", MORE_ACCOUNTS), ("invoices", MORE_INVOICES))]
+    assert pipelined_calls == ([True, True] if pg else [])
+    monkeypatch.setattr(imports, "_PIPELINED", ())
+    general = [_run(db, other_org.id, kind, content, clock.now()) for kind, content in (("accounts", MORE_ACCOUNTS), ("invoices", MORE_INVOICES))]
+    assert fast == general
+    assert fast[0]["inserted"] == 5 and fast[1]["inserted"] == 7
+    assert _ledger_state(db, org.id) == _ledger_state(db, other_org.id)
+    # and the derived values are what a full refresh gives
+    with db.transaction() as s:
+        refresh_accounts(s, organization_id=org.id, exclusions=get_settings(s, org.id).exclusions, now=clock.now())
+    assert _ledger_state(db, org.id) == _ledger_state(db, other_org.id)
+
+
+@pytest.mark.parametrize(
+    ("kind", "content", "column"),
+    [
+        ("accounts", MORE_ACCOUNTS + "A1,Again,,,,,,,,,,,,,,,\n", "external_id"),  # duplicate three chunks later
+        ("accounts", MORE_ACCOUNTS + "A6,,,,,,,,,,,,,,,,\n", "name"),  # a bad row after chunks were written
+        ("invoices", MORE_INVOICES + "I8,NOPE,,,1,0,2026-01-01,2026-02-01,,\n", "account_external_id"),
+        ("invoices", MORE_INVOICES + "I9,A4,,,1.5,0,2026-01-01,2026-02-01,,\n", "total"),  # JPY has no decimals
+        ("invoices", MORE_INVOICES + "I10,A1,,USD,1,0,2026-01-01,2026-02-01,,\n", "currency"),
+        ("invoices", MORE_INVOICES + "I1,A1,N-1,EUR,1,0,2026-01-01,2026-02-01,,\n", "external_id"),
+    ],
+)
+def test_pipelined_path_falls_back_and_reports_like_the_general_path(org, db, clock, pipelined_calls, kind, content, column):
+    """A bad row anywhere: whatever chunks were written are rolled back, the general path reports."""
+    if kind == "invoices":
+        _run(db, org.id, "accounts", MORE_ACCOUNTS, clock.now())
+    before = snapshot(db)
+    with pytest.raises(ImportRejected) as exc:
+        _run(db, org.id, kind, content, clock.now())
+    report = exc.value.report
+    assert report.error_count == 1 and report.errors[0].column == column, report.as_dict()
+    assert report.errors[0].row == content.count("\n") - 1
+    assert snapshot(db) == before
+    if db.engine.dialect.name == "postgresql":
+        assert pipelined_calls[-1] is False
+
+
+def test_pipelined_path_hands_updates_to_the_general_path(org, db, clock, pipelined_calls):
+    """Re-importing (or changing) existing rows is the general path's work; the result is the same."""
+    _run(db, org.id, "accounts", MORE_ACCOUNTS, clock.now())
+    _run(db, org.id, "invoices", MORE_INVOICES, clock.now())
+    before = snapshot(db)
+    again = [_run(db, org.id, k, c, clock.now()) for k, c in (("accounts", MORE_ACCOUNTS), ("invoices", MORE_INVOICES))]
+    assert [(r["inserted"], r["updated"], r["unchanged"]) for r in again] == [(0, 0, 5), (0, 0, 7)]
+    assert snapshot(db) == before
+    changed = _run(db, org.id, "accounts", MORE_ACCOUNTS.replace("Eve", "Eva") + "A7,New,,,,,,,,,,,,,,,\n", clock.now())
+    assert (changed["inserted"], changed["updated"], changed["unchanged"]) == (1, 1, 4)
+    if db.engine.dialect.name == "postgresql":
+        assert pipelined_calls[-3:] == [False, False, False]

@@ -7,7 +7,7 @@ from sqlalchemy import JSON, ForeignKey, Index, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from duecourse.db.base import Base, BigId
-from duecourse.db.columns import pk, utc_timestamp
+from duecourse.db.columns import pk, tenant_of_account, utc_timestamp
 
 
 class SandboxMessage(Base):
@@ -20,7 +20,7 @@ class SandboxMessage(Base):
     )
 
     id: Mapped[int] = pk()
-    organization_id: Mapped[int] = mapped_column(BigId, ForeignKey("organizations.id", ondelete="CASCADE"), nullable=False)
+    organization_id: Mapped[int] = tenant_of_account()
     account_id: Mapped[int] = mapped_column(BigId, ForeignKey("accounts.id", ondelete="CASCADE"), nullable=False)
     idempotency_key: Mapped[str] = mapped_column(String(100), nullable=False)
     provider_ref: Mapped[str] = mapped_column(String(100), nullable=False)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import date
 from decimal import Decimal
 from enum import StrEnum
-from functools import cache
+from functools import cache, lru_cache
 from typing import IO, Any, NamedTuple
 
 import phonenumbers
@@ -116,6 +116,15 @@ _MONEY_RE = re.compile(r"(-?)(\d*)(?:\.(\d*))?")
 
 def parse_money(text: str) -> int:
     """A non-negative exact amount, as integer units of 1/MONEY_SCALE."""
+    whole, _, frac = text.partition(".")
+    # The usual shape, digits with an optional fraction, without the regular expression
+    # (isdecimal() is exactly the regular expression's \d, and int() reads the same digits).
+    if whole.isdecimal() and (not frac or frac.isdecimal()):
+        frac_sig = frac.rstrip("0")
+        if len(frac_sig) <= MONEY_PLACES:
+            units = int(whole) * MONEY_SCALE + (int(frac_sig.ljust(MONEY_PLACES, "0")) if frac_sig else 0)
+            if units < MONEY_MAX_UNITS:
+                return units
     m = _MONEY_RE.fullmatch(text)
     if m is None or not (m.group(2) or m.group(3)):
         raise ValueError("not a number (use digits and a dot, e.g. 1234.50, no thousands separators)")
@@ -144,13 +153,16 @@ _TRUE = frozenset({"true", "t", "yes", "y", "1"})
 _FALSE = frozenset({"false", "f", "no", "n", "0"})
 
 
+_BOOL_TEXT = {**dict.fromkeys(_TRUE, True), **dict.fromkeys(_FALSE, False)}
+
+
 def parse_bool(text: str) -> bool:
-    low = text.lower()
-    if low in _TRUE:
-        return True
-    if low in _FALSE:
-        return False
-    raise ValueError("not a yes/no value (use true or false)")
+    value = _BOOL_TEXT.get(text)  # the usual spellings are already lower-case
+    if value is None:
+        value = _BOOL_TEXT.get(text.lower())
+        if value is None:
+            raise ValueError("not a yes/no value (use true or false)")
+    return value
 
 
 def parse_score(text: str) -> int:
@@ -178,6 +190,7 @@ def parse_currency(text: str) -> str:
 _LANG_RE = re.compile(r"[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{2,8})*")
 
 
+@lru_cache(maxsize=1024)  # a file holds a handful of distinct tags; bounded for hostile files
 def parse_language(text: str) -> str:
     if len(text) > 16 or not _LANG_RE.fullmatch(text):
         raise ValueError("not a language tag (use e.g. en, es or pt-BR)")
@@ -205,12 +218,27 @@ class _Region(NamedTuple):
     leading_digits: re.Pattern[str] | None
     general: _Desc | None
     types: tuple[_Desc, ...]
+    # Per number length: the general pattern and one alternation of the type patterns that allow
+    # that length (None: no type does), built on first use; two matches instead of up to eleven.
+    by_length: dict[int, tuple[re.Pattern[str], re.Pattern[str] | None] | None]
 
     def valid(self, nsn: str) -> bool:
         """phonenumbers' ``_number_type_helper(nsn, metadata) != UNKNOWN``."""
-        if self.general is None or not self.general.matches(nsn):
+        n = len(nsn)
+        try:
+            pair = self.by_length[n]
+        except KeyError:
+            pair = self.by_length[n] = self._for_length(n)
+        if pair is None:
             return False
-        return any(d.matches(nsn) for d in self.types)
+        general, types = pair
+        return general.fullmatch(nsn) is not None and types is not None and types.fullmatch(nsn) is not None
+
+    def _for_length(self, n: int) -> tuple[re.Pattern[str], re.Pattern[str] | None] | None:
+        if self.general is None or (self.general.lengths and n not in self.general.lengths):
+            return None
+        fits = [d.pattern.pattern for d in self.types if not d.lengths or n in d.lengths]
+        return self.general.pattern, (re.compile("|".join(f"(?:{p})" for p in fits)) if fits else None)
 
 
 def _desc(d: Any) -> _Desc | None:
@@ -226,7 +254,7 @@ def _region(code: str) -> _Region | None:
         return None
     types = tuple(x for x in (_desc(getattr(meta, t)) for t in _NUMBER_TYPES) if x is not None)
     leading = re.compile(meta.leading_digits) if meta.leading_digits is not None else None
-    return _Region(leading, _desc(meta.general_desc), types)
+    return _Region(leading, _desc(meta.general_desc), types, {})
 
 
 def _valid_e164(cc: int, nsn: str) -> bool | None:
@@ -409,8 +437,21 @@ class RowValidator:
         self.known = frozenset(c.name for c in self.columns)
         self.required = tuple(c.name for c in self.columns if c.required)
         self.index = {c.name: i for i, c in enumerate(self.columns)}
+        self.plan: tuple[tuple[int, int, Callable[[str], Any], bool, Any, bool, str], ...] = ()
 
-    def __call__(self, row: int, line: int | None, record: dict[str, str]) -> tuple[Any, ...] | None:
+    def use_header(self, header: list[str]) -> None:
+        """Records will come as lists of fields in the order of ``header`` (CSV, whose header was
+        checked: no unknown or repeated column, every required one present)."""
+        where = {name: i for i, name in enumerate(header)}
+        self.plan = tuple(
+            (1 << i, where.get(c.name, -1), c.parse, c.required, c.default, c.empty_is_absent, c.name)
+            for i, c in enumerate(self.columns)
+        )
+
+    def __call__(self, row: int, line: int | None, record: dict[str, str] | list[str]) -> tuple[Any, ...] | None:
+        if record.__class__ is list:
+            return self._fields(row, line, record)  # type: ignore[arg-type]
+        assert isinstance(record, dict)
         errors = self.errors
         before = errors.total
         present = 0
@@ -444,6 +485,44 @@ class RowValidator:
                     errors.add(row, line, name, "unknown column (expected: " + ", ".join(self.index) + ")")
         if errors.total != before:
             return None
+        return self._finish(row, line, present, values)
+
+    def _fields(self, row: int, line: int | None, fields: list[str]) -> tuple[Any, ...] | None:
+        """``__call__`` for a CSV record: the same rules, with the column positions worked out once."""
+        present = 0
+        values: list[Any] = []
+        append = values.append
+        failed = False
+        for bit, pos, parse, required, default, empty_is_absent, name in self.plan:
+            if pos < 0:  # not in the header (so not a required column)
+                append(default)
+                continue
+            text = fields[pos].strip()
+            if not text:
+                if required:
+                    self.errors.add(row, line, name, "is required")
+                    failed = True
+                    append(None)
+                    continue
+                if not empty_is_absent:
+                    present |= bit
+                append(default)
+                continue
+            present |= bit
+            try:
+                append(parse(text))
+            except ValueError as exc:
+                self.errors.add(row, line, name, str(exc), text)
+                failed = True
+                append(None)
+        if failed:
+            return None
+        return self._finish(row, line, present, values)
+
+    def _finish(self, row: int, line: int | None, present: int, values: list[Any]) -> tuple[Any, ...] | None:
+        """The checks across columns of a row whose every value parsed."""
+        errors = self.errors
+        before = errors.total
         if self.kind is ImportKind.invoices:
             self._check_invoice(row, line, values, present)
             if values[3] is not None:
@@ -485,7 +564,7 @@ def _units_text(units: int) -> str:
 # Readers: yield (row, line, record) with record a dict of column name -> text.
 
 # (row, line, record); record is None for a row already reported as unreadable.
-Record = tuple[int, int | None, dict[str, str] | None]
+Record = tuple[int, int | None, dict[str, str] | list[str] | None]
 
 
 class CountingReader(io.RawIOBase):
@@ -544,8 +623,13 @@ def _choose_delimiter(header_line: str) -> str:
     return best if counts[best] else ","
 
 
-def read_csv(stream: IO[bytes], kind: ImportKind, errors: ErrorLog) -> Iterator[Record]:
-    """CSV with a header row; comma, semicolon or tab separated (chosen from the header line)."""
+def read_csv(
+    stream: IO[bytes], kind: ImportKind, errors: ErrorLog, on_header: Callable[[list[str]], None] | None = None
+) -> Iterator[Record]:
+    """CSV with a header row; comma, semicolon or tab separated (chosen from the header line).
+
+    With ``on_header``, it is called with the checked header and records are the lists of fields
+    in that order (no dict per row); otherwise records are dicts of column name to text."""
     lines = _decoded_lines(stream, errors)
     first = None
     skipped = 0
@@ -566,6 +650,9 @@ def read_csv(stream: IO[bytes], kind: ImportKind, errors: ErrorLog) -> Iterator[
     header_line = skipped + 1
     header = _check_header([h.strip().lower() for h in header_fields], kind, errors, header_line)
     width = len(header)
+    as_lists = on_header is not None
+    if on_header is not None:
+        on_header(header)
     row = 0
     end = reader.line_num
     try:
@@ -580,7 +667,7 @@ def read_csv(stream: IO[bytes], kind: ImportKind, errors: ErrorLog) -> Iterator[
                 errors.add(row, start, None, f"{more} fields: {len(fields)} fields where the header has {width}")
                 yield row, start, None
                 continue
-            yield row, start, dict(zip(header, fields, strict=True))
+            yield row, start, (fields if as_lists else dict(zip(header, fields, strict=True)))
     except csv.Error as exc:
         errors.add(row + 1, skipped + reader.line_num, None, f"malformed CSV: {exc}")
         raise FileAbort from None
@@ -685,9 +772,16 @@ def read_json_array(stream: io.BufferedReader, kind: ImportKind, errors: ErrorLo
         raise FileAbort from None
 
 
-def read_records(stream: IO[bytes], kind: ImportKind, fmt: FileFormat, errors: ErrorLog) -> Iterator[Record]:
+def read_records(
+    stream: IO[bytes],
+    kind: ImportKind,
+    fmt: FileFormat,
+    errors: ErrorLog,
+    on_header: Callable[[list[str]], None] | None = None,
+) -> Iterator[Record]:
+    """Records of the file; see :func:`read_csv` for ``on_header`` (CSV only: JSON records are dicts)."""
     if fmt is FileFormat.csv:
-        return read_csv(stream, kind, errors)
+        return read_csv(stream, kind, errors, on_header)
     if fmt is FileFormat.jsonl:
         return read_jsonl(stream, kind, errors)
     return read_json_array(stream, kind, errors)

@@ -17,6 +17,11 @@ The shape of one import, all in the caller's transaction:
    derived values (:func:`duecourse.ledger.derived.refresh_accounts`) and payment allocation for the
    affected accounts only, passed as a ``SELECT`` over a temp table of their ids.
 
+On PostgreSQL a file of accounts or invoices that are all new is first tried on a pipelined path
+that overlaps steps 1 and 4 (a writer thread inserts chunk by chunk while the file is still being
+read); at the first row it cannot write as new, or any bad row, it rolls back to a savepoint and
+the steps above run from the start of the file (see "The pipelined path" below).
+
 Upsert rule: columns absent from the file (or, in JSON, keys absent from an object) keep their
 stored value on update and take their default on insert. An empty cell clears an optional value,
 except for the columns marked ``empty_is_absent`` in :mod:`import_rows` (currency, invoice number,
@@ -27,6 +32,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import queue
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -198,7 +205,9 @@ def _stage_columns(kind: ImportKind) -> list[Column[Any]]:
     for c in COLUMNS[kind]:
         cols.append(Column(c.name, types.get(c.name, Boolean())))
     extra: dict[ImportKind, list[Column[Any]]] = {
-        ImportKind.accounts: [Column("target_id", BigInteger), Column("changed", Boolean)],
+        # new_id (PostgreSQL): the id a new account will get, drawn from the accounts' sequence as
+        # the row is copied in (a column default), so its tags need no join back by external_id.
+        ImportKind.accounts: [Column("target_id", BigInteger), Column("changed", Boolean), Column("new_id", BigInteger)],
         ImportKind.invoices: [
             Column("account_id", BigInteger),
             Column("account_currency", String(3)),
@@ -250,6 +259,9 @@ class _Stager:
             if self.dialect == "sqlite":
                 conn.exec_driver_sql(f"DROP TABLE IF EXISTS temp.{t.name}")
             t.create(conn)
+        if kind is ImportKind.accounts and self.dialect == "postgresql":
+            seq = conn.exec_driver_sql("SELECT pg_get_serial_sequence('accounts', 'id')").scalar_one()
+            conn.exec_driver_sql(f"ALTER TABLE {STAGE} ALTER COLUMN new_id SET DEFAULT nextval('{seq}'::regclass)")
         self.driver = conn.connection.driver_connection
         self.names = [c.name for c in COLUMNS[kind]]
         staged = ["row_no", "line_no", "present", *self.names]
@@ -508,12 +520,14 @@ def _accounts_apply(sql: _Sql, report: ImportReport, base_currency: str) -> None
     # gives an 'unassigned' account with nothing owed: 'resolved' (silently: it never had a case).
     # Writing them directly saves three full-row UPDATEs per new account (a million accounts: about
     # a minute on PostgreSQL); tests/test_imports.py checks refresh_accounts finds nothing to change.
+    # PostgreSQL: the ids were drawn when the rows were staged (new_id), see _stage_columns.
+    ids = ("id, ", "s.new_id, ") if sql.pg else ("", "")
     report.inserted = sql.exec(
         f"""INSERT INTO accounts (
-                organization_id, external_id, {", ".join(_ACCOUNT_FIELDS)},
+                {ids[0]}organization_id, external_id, {", ".join(_ACCOUNT_FIELDS)},
                 on_stop, status, case_number, case_retry_count, case_sequence_finished,
                 balance, gross_open, created_at, updated_at)
-            SELECT :org, s.external_id, {", ".join("COALESCE(s.currency, :base)" if f == "currency" else "s." + f for f in _ACCOUNT_FIELDS)},
+            SELECT {ids[1]}:org, s.external_id, {", ".join("COALESCE(s.currency, :base)" if f == "currency" else "s." + f for f in _ACCOUNT_FIELDS)},
                 FALSE, 'resolved', 0, 0, FALSE, 0, 0, :now, :now
             FROM {STAGE} s WHERE s.target_id IS NULL ORDER BY s.row_no""",
         base=base_currency,
@@ -522,23 +536,33 @@ def _accounts_apply(sql: _Sql, report: ImportReport, base_currency: str) -> None
     # The accounts to refresh: changed ones (a flag or a tag may move them between tabs).
     sql.exec(f"INSERT INTO {AFFECTED} (account_id) SELECT s.target_id FROM {STAGE} s WHERE s.changed")
     sql.analyze(AFFECTED)
-    # Tags: for new accounts, and for changed ones whose file row gave tags.
-    with_tags = f"(s.target_id IS NULL OR (s.changed AND {sql.has('tags')}))"
-    sql.exec(
-        f"""DELETE FROM account_tags WHERE account_id IN (
-                SELECT s.target_id FROM {STAGE} s WHERE s.changed AND {sql.has('tags')})
-            AND NOT EXISTS (
-                SELECT 1 FROM {STAGE} s JOIN {STAGE_TAGS} st ON st.row_no = s.row_no
-                WHERE s.target_id = account_tags.account_id AND st.tag = account_tags.tag)"""
-    )
-    sql.exec(
-        f"""INSERT INTO account_tags (account_id, tag, organization_id)
-            SELECT t.id, st.tag, :org FROM {STAGE_TAGS} st
-            JOIN {STAGE} s ON s.row_no = st.row_no
-            JOIN accounts t ON t.organization_id = :org AND t.external_id = s.external_id
-            WHERE {with_tags}
-              AND NOT EXISTS (SELECT 1 FROM account_tags g WHERE g.account_id = t.id AND g.tag = st.tag)"""
-    )
+    # Tags of changed accounts whose file row gave tags: drop the ones not in the file, add the new.
+    if report.updated:
+        sql.exec(
+            f"""DELETE FROM account_tags WHERE account_id IN (
+                    SELECT s.target_id FROM {STAGE} s WHERE s.changed AND {sql.has('tags')})
+                AND NOT EXISTS (
+                    SELECT 1 FROM {STAGE} s JOIN {STAGE_TAGS} st ON st.row_no = s.row_no
+                    WHERE s.target_id = account_tags.account_id AND st.tag = account_tags.tag)"""
+        )
+        sql.exec(
+            f"""INSERT INTO account_tags (account_id, tag, organization_id)
+                SELECT s.target_id, st.tag, :org FROM {STAGE_TAGS} st
+                JOIN {STAGE} s ON s.row_no = st.row_no
+                WHERE s.changed AND {sql.has('tags')}
+                  AND NOT EXISTS (SELECT 1 FROM account_tags g WHERE g.account_id = s.target_id AND g.tag = st.tag)"""
+        )
+    # Tags of new accounts (a row's tags are distinct: parse_tags).
+    if report.inserted:
+        if sql.pg:
+            new_tags = f"""SELECT s.new_id, st.tag, :org FROM {STAGE_TAGS} st
+                JOIN {STAGE} s ON s.row_no = st.row_no WHERE s.target_id IS NULL"""
+        else:
+            new_tags = f"""SELECT t.id, st.tag, :org FROM {STAGE_TAGS} st
+                JOIN {STAGE} s ON s.row_no = st.row_no
+                JOIN accounts t ON t.organization_id = :org AND t.external_id = s.external_id
+                WHERE s.target_id IS NULL"""
+        sql.exec(f"INSERT INTO account_tags (account_id, tag, organization_id) {new_tags}")
 
 
 # invoices ------------------------------------------------------------------------------------
@@ -622,11 +646,15 @@ def _invoices_apply(sql: _Sql, report: ImportReport) -> None:
                 s.disputed, :now, :now
             FROM {STAGE} s WHERE s.target_id IS NULL ORDER BY s.row_no"""
     ).rowcount
+    moved = (
+        f"""UNION
+            SELECT s.old_account_id FROM {STAGE} s WHERE s.changed AND s.old_account_id <> s.account_id"""
+        if report.updated
+        else ""
+    )
     sql.exec(
         f"""INSERT INTO {AFFECTED} (account_id)
-            SELECT s.account_id FROM {STAGE} s WHERE s.target_id IS NULL OR s.changed
-            UNION
-            SELECT s.old_account_id FROM {STAGE} s WHERE s.changed AND s.old_account_id <> s.account_id"""
+            SELECT DISTINCT s.account_id FROM {STAGE} s WHERE s.target_id IS NULL OR s.changed {moved}"""
     )
     sql.analyze("invoices", report.inserted + report.updated)
     sql.analyze(AFFECTED)
@@ -706,9 +734,10 @@ def _payments_apply(sql: _Sql, report: ImportReport) -> None:
     sql.analyze(AFFECTED)
 
 
+# (invoices: ANALYZEd by _invoices_apply already, and again here only if allocation changed them)
 _ANALYZE_AFTER = {
     ImportKind.accounts: ("account_tags",),
-    ImportKind.invoices: ("accounts", "invoices"),
+    ImportKind.invoices: ("accounts",),
     ImportKind.payments: ("accounts", "invoices", "payments", "payment_allocations"),
 }
 
@@ -723,6 +752,226 @@ def _has_credit(sql: _Sql, affected: Any) -> bool:
                 AND account_id IN (SELECT account_id FROM {AFFECTED}) LIMIT 1"""
         ).first()
     )
+
+
+def _after_apply(session: Session, sql: _Sql, stager: _Stager, report: ImportReport) -> None:
+    """What follows the writes of either path: allocation and derived values of the affected
+    accounts, planner statistics."""
+    kind, organization_id, now = sql.kind, sql.params["org"], sql.now
+    report.unchanged = report.rows - report.inserted - report.updated
+    if report.updated or (report.inserted and kind is not ImportKind.accounts):
+        # (a SELECT, not a list: the set can hold a million ids)
+        affected = select(stager.affected.c.account_id)
+        if kind is not ImportKind.accounts and allocate_payments is not None and _has_credit(sql, affected):
+            allocate_payments(session, organization_id=organization_id, account_ids=affected, now=now, refresh=False)
+            if kind is ImportKind.invoices:
+                sql.analyze("invoices", report.inserted + report.updated)
+        # One UPDATE when no affected account has a case or pending items (new accounts);
+        # otherwise the full refresh, which cancels and logs what resolving requires.
+        refresh_args: dict[str, Any] = {
+            "organization_id": organization_id,
+            "exclusions": get_settings(session, organization_id).exclusions,
+            "now": now,
+            "account_ids": affected,
+        }
+        if not refresh_accounts_single_pass(session, **refresh_args):
+            refresh_accounts(session, **refresh_args)
+    # Leave the planner statistics true to the new data (pages of the account list use them at
+    # once; autovacuum may be minutes away, or off).
+    changed = report.inserted + report.updated
+    for table in _ANALYZE_AFTER[kind]:
+        sql.analyze(table, changed)
+    report.applied = True
+
+
+# --------------------------------------------------------------------------------------------
+# The pipelined path (PostgreSQL): new rows only, written while the file is still being read
+#
+# The general path validates the whole file, then checks and writes it set-based; Python and
+# PostgreSQL take turns, and on two cores one of them always waits. For the common bulk load --
+# accounts or invoices that are all new, with no bad row -- this path overlaps them: the calling
+# thread reads and validates, and a writer thread, on the same connection and transaction, copies
+# each batch to the staging tables and every PIPELINE_CHUNK_ROWS rows inserts the chunk into the
+# live tables (libpq waits release the GIL). Each chunk's INSERT only writes rows the general path
+# would accept as new: an existing row or a duplicate within the file fails it on the unique
+# external id, and for invoices the account lookup and the currency and decimal-places rules in
+# its WHERE leave rows out. So if a chunk's INSERT fails or writes fewer rows than the chunk holds,
+# or Python finds a bad row, the whole attempt is rolled back to a savepoint and the general path
+# runs from the start of the file, producing exactly its own result or report. A successful run
+# writes exactly what the general path writes for the same file.
+
+PIPELINE_CHUNK_ROWS = 25_000
+PIPELINE_QUEUE_BATCHES = 4  # batches validated ahead of the writer (memory stays bounded)
+_PIPELINED = (ImportKind.accounts, ImportKind.invoices)
+
+
+def _start_position(stream: IO[bytes]) -> int | None:
+    """Where the file starts, if the stream can go back there (for the pipelined path's fallback)."""
+    try:
+        return stream.tell() if stream.seekable() else None
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+class _NotNewOnly(Exception):
+    """A chunk held rows the pipelined path does not write; the general path takes over."""
+
+
+class _ChunkWriter(threading.Thread):
+    """The writer thread of the pipelined path: staging COPY and chunk INSERTs, raw driver only."""
+
+    def __init__(self, stager: _Stager, sql: _Sql, base_currency: str) -> None:
+        super().__init__(name="import-writer", daemon=True)
+        self.stager = stager
+        self.kind = sql.kind
+        self.batches: queue.Queue[list[tuple[Any, ...]] | None] = queue.Queue(PIPELINE_QUEUE_BATCHES)
+        self.params = {"org": sql.params["org"], "now": sql.now.replace(tzinfo=None), "base": base_currency}
+        self.insert_sql = _chunk_insert_sql(sql)
+        self.failed: BaseException | None = None
+        self.inserted = 0
+
+    def run(self) -> None:
+        pending = 0
+        batch: list[tuple[Any, ...]] | None = []
+        try:
+            while (batch := self.batches.get()) is not None:
+                self.stager.write(batch)
+                pending += len(batch)
+                if pending >= PIPELINE_CHUNK_ROWS:
+                    self._apply(pending)
+                    pending = 0
+            if pending:
+                self._apply(pending)
+        except BaseException as exc:  # reported to the reading thread, which falls back
+            self.failed = exc
+            while batch is not None:  # let the reader finish putting, up to its final None
+                batch = self.batches.get()
+
+    def _apply(self, rows: int) -> None:
+        with self.stager.driver.cursor() as cur:
+            if self.kind is ImportKind.accounts:
+                cur.execute(self.insert_sql, self.params)
+                written = cur.rowcount
+                if written == rows:
+                    cur.execute(
+                        f"""INSERT INTO account_tags (account_id, tag, organization_id)
+                            SELECT s.new_id, st.tag, %(org)s FROM {STAGE_TAGS} st
+                            JOIN {STAGE} s ON s.row_no = st.row_no""",
+                        self.params,
+                    )
+            else:
+                cur.execute(self.insert_sql, self.params)
+                row = cur.fetchone()
+                written = row[0] if row else 0
+            if written != rows:
+                raise _NotNewOnly
+            self.inserted += written
+            cur.execute(f"TRUNCATE {STAGE}, {STAGE_TAGS}")
+
+
+def _chunk_insert_sql(sql: _Sql) -> str:
+    """The INSERT of one staged chunk (psycopg parameters); see the section comment."""
+    fields = _ACCOUNT_FIELDS
+    if sql.kind is ImportKind.accounts:
+        values = ", ".join("COALESCE(s.currency, %(base)s)" if f == "currency" else "s." + f for f in fields)
+        return f"""INSERT INTO accounts (
+                id, organization_id, external_id, {", ".join(fields)},
+                on_stop, status, case_number, case_retry_count, case_sequence_finished,
+                balance, gross_open, created_at, updated_at)
+            SELECT s.new_id, %(org)s, s.external_id, {values},
+                FALSE, 'resolved', 0, 0, FALSE, 0, 0, %(now)s, %(now)s
+            FROM {STAGE} s ORDER BY s.row_no"""
+    # Invoices: the account by external id (an index probe per row: OFFSET 0 keeps the lateral
+    # subquery from being flattened into a join that would read all of the organization's accounts
+    # for every chunk); rows the general path would reject are left out, so the count tells.
+    divisor = _divisor_case("a.currency")
+    places_ok = f"""(s.currency IS NOT NULL OR (MOD(s.total, {divisor}) = 0
+        AND NOT ({sql.has('amount_paid')} AND MOD(s.amount_paid, {divisor}) <> 0)))"""
+    status = _status(sql, "s.amount_paid", None)
+    return f"""WITH ins AS (
+            INSERT INTO invoices (organization_id, account_id, external_id, number, currency, total, amount_paid,
+                issue_date, due_date, status, disputed, created_at, updated_at)
+            SELECT %(org)s, a.id, s.external_id, COALESCE(s.number, s.external_id), a.currency,
+                s.total, s.amount_paid, s.issue_date, s.due_date, {status}, s.disputed, %(now)s, %(now)s
+            FROM {STAGE} s
+            JOIN LATERAL (
+                SELECT a.id, a.currency FROM accounts a
+                WHERE a.organization_id = %(org)s AND a.external_id = s.account_external_id OFFSET 0
+            ) a ON TRUE
+            WHERE (s.currency IS NULL OR s.currency = a.currency) AND {places_ok}
+            ORDER BY s.row_no
+            RETURNING account_id
+        ), affected AS (
+            INSERT INTO {AFFECTED} (account_id) SELECT DISTINCT account_id FROM ins ON CONFLICT DO NOTHING
+        )
+        SELECT COUNT(*) FROM ins"""
+
+
+def _run_pipelined(
+    session: Session,
+    kind: ImportKind,
+    org: Organization,
+    buffered: io.BufferedReader,
+    counting: CountingReader,
+    file_format: FileFormat,
+    report: ImportReport,
+    now: datetime,
+    progress: ProgressFn | None,
+    batch_rows: int,
+) -> bool:
+    """The pipelined import (see the section comment). True if it imported the file; False if it
+    rolled back to where it started and the general path must run."""
+    savepoint = session.begin_nested()
+    try:
+        stager = _Stager(session, kind)
+        sql = _Sql(session, kind, org.id, now)
+        errors = ErrorLog(1)  # any error sends the file to the general path, which reports them all
+        validate = RowValidator(kind, errors)
+        writer = _ChunkWriter(stager, sql, org.base_currency)
+        writer.start()
+        row = 0
+        try:
+            batch: list[tuple[Any, ...]] = []
+            for row, line, record in read_records(buffered, kind, file_format, errors, validate.use_header):
+                staged = None if record is None else validate(row, line, record)
+                if staged is None:
+                    break
+                batch.append(staged)
+                if len(batch) >= batch_rows:
+                    writer.batches.put(batch)
+                    batch = []
+                    if writer.failed is not None:
+                        break
+                    if progress:
+                        progress(counting.bytes_read, row)
+            else:
+                if batch:
+                    writer.batches.put(batch)
+        except FileAbort:
+            pass
+        finally:
+            writer.batches.put(None)
+            writer.join()
+        if errors or writer.failed is not None:
+            if writer.failed is not None and not isinstance(writer.failed, Exception):
+                raise writer.failed  # KeyboardInterrupt, SystemExit
+            # (a database error in the writer -- a row that already exists, say -- falls back too:
+            # the general path reports bad rows, or raises the error again if it is not about them)
+            savepoint.rollback()
+            return False
+        report.rows = row
+        report.inserted = writer.inserted
+        if progress:
+            progress(counting.bytes_read, row)
+        sql.analyze(kind.value, report.inserted)
+        sql.analyze(AFFECTED)
+        savepoint.commit()
+    except BaseException:
+        if savepoint.is_active:
+            savepoint.rollback()
+        raise
+    _after_apply(session, sql, stager, report)
+    return True
 
 
 # --------------------------------------------------------------------------------------------
@@ -759,6 +1008,7 @@ def run_import(
     org = session.get(Organization, organization_id)
     if org is None:
         raise NotFound("Organization")
+    start = _start_position(stream)
     counting = CountingReader(stream)
     buffered = io.BufferedReader(counting, READ_BUFFER)
     file_format = FileFormat(fmt) if fmt else detect_format(buffered.peek(64)[:64], filename)
@@ -768,13 +1018,25 @@ def run_import(
 
     _lock(session, organization_id)
     session.flush()
+    if start is not None and kind in _PIPELINED and session.get_bind().dialect.name == "postgresql":
+        done = _run_pipelined(
+            session, kind, org, buffered, counting, file_format, report, now, progress, batch_rows
+        )
+        if done:
+            return report
+        # Not a load of new rows only, or a bad row somewhere: the general path reads the file
+        # again, checks it whole and reports every error.
+        stream.seek(start)
+        counting = CountingReader(stream)
+        buffered = io.BufferedReader(counting, READ_BUFFER)
+        report = ImportReport(kind=kind.value, format=file_format.value)
     stager = _Stager(session, kind)
     try:
         validate = RowValidator(kind, errors)
         batch: list[tuple[Any, ...]] = []
         row = 0
         try:
-            for row, line, record in read_records(buffered, kind, file_format, errors):
+            for row, line, record in read_records(buffered, kind, file_format, errors, validate.use_header):
                 if record is None:
                     continue
                 staged = validate(row, line, record)
@@ -814,29 +1076,7 @@ def run_import(
             _invoices_apply(sql, report)
         else:
             _payments_apply(sql, report)
-        report.unchanged = report.rows - report.inserted - report.updated
-
-        if report.updated or (report.inserted and kind is not ImportKind.accounts):
-            # (a SELECT, not a list: the set can hold a million ids)
-            affected = select(stager.affected.c.account_id)
-            if kind is not ImportKind.accounts and allocate_payments is not None and _has_credit(sql, affected):
-                allocate_payments(session, organization_id=organization_id, account_ids=affected, now=now, refresh=False)
-            # One UPDATE when no affected account has a case or pending items (new accounts);
-            # otherwise the full refresh, which cancels and logs what resolving requires.
-            refresh_args: dict[str, Any] = {
-                "organization_id": organization_id,
-                "exclusions": get_settings(session, organization_id).exclusions,
-                "now": now,
-                "account_ids": affected,
-            }
-            if not refresh_accounts_single_pass(session, **refresh_args):
-                refresh_accounts(session, **refresh_args)
-        # Leave the planner statistics true to the new data (pages of the account list use them at
-        # once; autovacuum may be minutes away, or off).
-        changed = report.inserted + report.updated
-        for table in _ANALYZE_AFTER[kind]:
-            sql.analyze(table, changed)
-        report.applied = True
+        _after_apply(session, sql, stager, report)
         return report
     finally:
         if session.is_active:

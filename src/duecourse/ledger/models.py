@@ -5,7 +5,6 @@ from decimal import Decimal
 from enum import StrEnum
 
 from sqlalchemy import (
-    text,
     Boolean,
     CheckConstraint,
     Date,
@@ -16,11 +15,12 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
 from duecourse.db.base import Base, BigId, Money, UTCDateTime
-from duecourse.db.columns import org_fk, pk, str_enum, utc_timestamp
+from duecourse.db.columns import pk, str_enum, tenant_of_account, utc_timestamp
 
 
 class AccountStatus(StrEnum):
@@ -173,7 +173,8 @@ class AccountTag(Base):
 
     account_id: Mapped[int] = mapped_column(BigId, ForeignKey("accounts.id", ondelete="CASCADE"), primary_key=True)
     tag: Mapped[str] = mapped_column(String(64), primary_key=True)
-    organization_id: Mapped[int] = mapped_column(BigId, ForeignKey("organizations.id", ondelete="CASCADE"), nullable=False)
+    # No foreign key to organizations (like invoices and payments): see ``tenant_of_account``.
+    organization_id: Mapped[int] = tenant_of_account()
 
 
 class Invoice(Base):
@@ -187,9 +188,7 @@ class Invoice(Base):
     )
 
     id: Mapped[int] = pk()
-    organization_id: Mapped[int] = mapped_column(
-        BigId, ForeignKey("organizations.id", ondelete="CASCADE"), nullable=False
-    )
+    organization_id: Mapped[int] = tenant_of_account()
     account_id: Mapped[int] = mapped_column(BigId, ForeignKey("accounts.id", ondelete="CASCADE"), nullable=False)
     external_id: Mapped[str] = mapped_column(String(100), nullable=False)
     number: Mapped[str] = mapped_column(String(100), nullable=False)
@@ -215,9 +214,7 @@ class Payment(Base):
     )
 
     id: Mapped[int] = pk()
-    organization_id: Mapped[int] = mapped_column(
-        BigId, ForeignKey("organizations.id", ondelete="CASCADE"), nullable=False
-    )
+    organization_id: Mapped[int] = tenant_of_account()
     account_id: Mapped[int] = mapped_column(BigId, ForeignKey("accounts.id", ondelete="CASCADE"), nullable=False)
     invoice_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("invoices.id", ondelete="SET NULL"))
     external_id: Mapped[str] = mapped_column(String(100), nullable=False)
@@ -239,7 +236,8 @@ class PaymentAllocation(Base):
     invoice_id: Mapped[int] = mapped_column(
         BigId, ForeignKey("invoices.id", ondelete="CASCADE"), primary_key=True, index=True
     )
-    organization_id: Mapped[int] = org_fk()
+    # The payment's organization; no foreign key (see ``tenant_of_account``), the index stays.
+    organization_id: Mapped[int] = mapped_column(BigId, nullable=False, index=True)
     amount: Mapped[Decimal] = mapped_column(Money, nullable=False)
 
 

@@ -238,8 +238,10 @@ def unblock_account(session: Session, *, organization_id: int, account_id: int, 
 
 
 def delete_account(session: Session, *, organization_id: int, account_id: int) -> None:
-    """Delete an account with its invoices, payments, promises and engine history (database cascades)."""
+    """Delete an account with its invoices, payments, promises and engine history (database cascades;
+    the execution log has no foreign keys, so its entries are deleted here)."""
     account = get_account(session, organization_id=organization_id, account_id=account_id)
+    session.execute(delete(ExecutionLogEntry).where(ExecutionLogEntry.account_id == account.id))
     session.delete(account)
     session.flush()
     session.expire_all()
