@@ -10,7 +10,8 @@ then on a fresh SQLite file:
    (``engine_common.load_accounts``), then ``VACUUM ANALYZE``.
 2. Creates one active strategy (two email stages with templates, trigger ``amount_threshold`` 1,
    automation every day at 07:00) and runs ``assign_by_trigger`` over all accounts (committed, timed
-   apart), then ``VACUUM ANALYZE``.
+   apart and reported as ``assign_seconds``: opening the cases, which also chooses each case's first
+   stage and writes its ``assigned`` log entry), then ``VACUUM ANALYZE``.
 3. The measured part, in a child process: ``enqueue(session, organization_id, now, strategy_id,
    cause="bench")`` in one transaction, committed. The child reports the time of the call and of the
    commit (and a per-statement profile); the parent times spawn to exit and reads the child's peak RSS

@@ -68,7 +68,7 @@ def test_a_living_sequence_day_by_day(db, org, clock):
     with db.transaction() as s:
         acct = s.get(Account, a_id)
         assert (acct.status, acct.case_next_stage, acct.collection_tab) == ("in_auto_management", 1, "engaged")
-        assert [e[0] for e in log(s, a_id)] == ["assigned", "first_action", "enqueued", "dispatched", "advanced"]
+        assert [e[0] for e in log(s, a_id)] == ["assigned", "enqueued", "dispatched", "advanced"]
     # Tuesday: the run enqueues the SMS for Thursday (3 days after Monday), nothing is sent.
     clock.advance(days=1)
     r = tick(db, now=clock.now())

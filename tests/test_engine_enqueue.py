@@ -8,7 +8,7 @@ from sqlalchemy import func, select
 
 from duecourse.campaigns.models import Campaign
 from duecourse.engine.enqueue import enqueue
-from duecourse.engine.models import QueueItem
+from duecourse.engine.models import ExecutionLogEntry, QueueItem
 from duecourse.engine.runs import run_strategy_now
 from duecourse.ledger.models import Account
 from duecourse.tenancy import service as tenancy
@@ -36,7 +36,10 @@ def test_seed_004_contextualized_entry_at_offset_15(db, org, clock):
         # Entered at the stage with offset 15 (index 2), due 15 days after the anchor: already due,
         # so scheduled at that day's 07:00 Madrid slot (in the past: dispatchable at once).
         assert items(s, a.id) == [(2, "pending", utc(2026, 2, 27, 6), None)]
-        assert log(s, a.id) == [("assigned", None, None), ("first_action", 2, None), ("enqueued", 2, None)]
+        # The first stage is chosen as the case opens, and recorded on its ``assigned`` entry.
+        assert log(s, a.id) == [("assigned", 2, None), ("enqueued", 2, None)]
+        assigned = s.scalars(select(ExecutionLogEntry).where(ExecutionLogEntry.account_id == a.id)).first()
+        assert assigned.details["first_action"] == "contextualized"
         assert s.get(Account, a.id).case_anchor_date == date(2026, 2, 12)
 
 
@@ -167,7 +170,7 @@ def test_campaign_assigns_its_strategy_only_while_active_and_within_dates(db, or
         assert (r.assigned, r.enqueued) == (1, 1)
         item = s.scalars(select(QueueItem).where(QueueItem.account_id == a.id)).one()
         assert item.campaign_id == c.id and item.strategy_id == st.id
-        assert log(s, a.id)[0] == ("assigned", None, None)
+        assert log(s, a.id)[0] == ("assigned", 0, None)
     clock.set(utc(2026, 4, 2, 9))  # after the end date
     with db.transaction() as s:
         s.execute(QueueItem.__table__.delete())
@@ -212,5 +215,25 @@ def test_two_processes_enqueueing_at_once_create_each_item_once(db, org, clock):
         from duecourse.engine.models import ExecutionLogEntry
         enq = s.scalar(select(func.count()).select_from(ExecutionLogEntry).where(ExecutionLogEntry.event == "enqueued"))
         assert enq == 90
-        firsts = s.scalar(select(func.count()).select_from(ExecutionLogEntry).where(ExecutionLogEntry.event == "first_action"))
-        assert firsts == 30  # the second pass waited for the first and found nothing left to do
+        opened = s.scalar(select(func.count()).select_from(ExecutionLogEntry).where(ExecutionLogEntry.event == "assigned"))
+        assert opened == 30  # the second pass waited for the first and found nothing left to do
+
+
+def test_a_case_without_a_next_stage_gets_its_first_action_at_enqueue(db, org, clock):
+    # Cases choose their first stage as they open; a case left without one (opened while its strategy
+    # had no stages, or written by an older version) gets it at the next enqueue, logged apart.
+    now = clock.now()
+    with db.transaction() as s:
+        st = strategy(s, org.id, now, [("email", "t", 0), ("email", "p", 8), ("email", "p", 7), ("email", "t", 30)],
+                      first_action_logic="contextualized")
+        a = debtor(s, org.id, now, "NOSTAGE", due=date(2026, 3, 2) - timedelta(days=18))
+        refresh(s, org.id, now)
+        r = run_strategy_now(s, strategy=st, now=now, principal=Principal.system(org.id))
+        assert r["assigned"] == 1 and s.get(Account, a.id).case_next_stage == 2
+        s.execute(QueueItem.__table__.delete().where(QueueItem.account_id == a.id))
+        s.get(Account, a.id).case_next_stage = None
+        s.flush()
+        enqueue(s, organization_id=org.id, now=now, strategy_id=st.id, cause="test")
+        assert s.get(Account, a.id).case_next_stage == 2
+        assert log(s, a.id)[-2:] == [("first_action", 2, None), ("enqueued", 2, None)]
+        assert [i[0] for i in items(s, a.id)] == [2]

@@ -241,7 +241,8 @@ def test_paying_the_carrying_invoice_restarts_the_case_on_the_next_invoice(db, o
     assert (acct.case_number, acct.case_invoice_id) == (2, acct.carrying_invoice_id)
     with db.transaction() as s:
         events = log(s, aid)
-        assert ("cancelled", 1, "carrying_invoice_changed") in events and ("restarted", None, None) in events
+        # The restart records the new case's first stage (§4.4 applied again as it opens).
+        assert ("cancelled", 1, "carrying_invoice_changed") in events and ("restarted", 0, None) in events
         # The new case starts from the beginning: stage 0 is sent again (a new case number).
         last = s.scalars(select(QueueItem).where(QueueItem.account_id == aid).order_by(QueueItem.id.desc())).first()
         assert (last.case_number, last.stage_index, last.status) == (2, 0, "completed")

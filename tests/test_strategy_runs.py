@@ -79,7 +79,8 @@ def test_days_overdue_trigger_assigns_with_anchor_and_log(db, org, clock):
         log = s.scalars(select(ExecutionLogEntry).where(ExecutionLogEntry.account_id == late.id).order_by(ExecutionLogEntry.id)).all()
         assert (log[0].event, log[0].cause, log[0].details["strategy_id"]) == ("assigned", "strategy_trigger", ids[3])
         # Run Now also enqueues the new case's first action.
-        assert [(e.event, e.stage_index) for e in log[1:]] == [("first_action", 0), ("enqueued", 0)]
+        assert log[0].stage_index == 0 and log[0].details["first_action"] == "standard"
+        assert [(e.event, e.stage_index) for e in log[1:]] == [("enqueued", 0)]
         # A second run changes nothing: the account is no longer unassigned.
         again = run_strategy_now(s, strategy=s.get(Strategy, ids[3]), now=now, principal=Principal.system(org.id))
         assert again["assigned"] == 0

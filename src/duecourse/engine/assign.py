@@ -2,7 +2,8 @@
 
 An account gets a strategy from its campaign, or, when it is in no campaign, from the triggers of
 the active strategies (the lowest priority number wins). Opening a case sets the anchor date, bumps
-the case number and logs ``assigned``; the first stage is chosen later, at enqueue (§4.4).
+the case number and chooses the first stage by the strategy's first-action logic (§4.4: "when a
+case opens"), in the same ``UPDATE``; the ``assigned`` log entry records that stage and the logic.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from datetime import date, datetime
 from decimal import ROUND_CEILING, Decimal
 from typing import Any
 
-from sqlalchemy import and_, false, or_, select, update
+from sqlalchemy import and_, case, false, literal, or_, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -19,8 +20,9 @@ from duecourse.campaigns.models import Campaign, CampaignStatus
 from duecourse.db.base import MONEY_PLACES
 from duecourse.db.dialect import date_plus_days
 from duecourse.engine.log import log_accounts
+from duecourse.engine.stages import StageSpec, first_stage, offsets
 from duecourse.engine.timing import local_date
-from duecourse.ledger.derived import days_overdue_expr, local_today_expr
+from duecourse.ledger.derived import days_between_expr, days_overdue_expr, local_today_expr
 from duecourse.ledger.models import Account, AccountStatus, CollectionTab
 from duecourse.strategies.models import Strategy, TriggerType
 from duecourse.tenancy.models import Organization
@@ -56,9 +58,29 @@ def anchor_expr(session: Session, *, strategy: Strategy, org: Organization, now:
     return local_today_expr(session, organization_id=org.id, org_timezone=org.timezone, now=now)
 
 
+def stage_specs(strategy: Strategy) -> list[StageSpec]:
+    return [StageSpec(s.position, str(s.action_type), str(s.timing_type), s.days) for s in strategy.stages]
+
+
+def first_stage_expr(
+    session: Session, *, strategy: Strategy, local_today: ColumnElement[Any], anchor: ColumnElement[Any]
+) -> ColumnElement[Any] | None:
+    """§4.4 as one CASE over the days from ``anchor`` to ``local_today`` (the step function of
+    :func:`duecourse.engine.stages.first_stage`); None for a strategy without stages."""
+    offs = offsets(stage_specs(strategy))
+    if not offs:
+        return None
+    logic = str(strategy.first_action_logic)
+    days = days_between_expr(session, local_today, anchor)
+    # first_stage only changes value at the offsets and at 1, so evaluate it at those breakpoints.
+    points = sorted({*offs, 1})
+    whens = [(days >= p, literal(first_stage(logic, offs, p))) for p in reversed(points)]
+    return case(*whens, else_=literal(first_stage(logic, offs, min(points) - 1)))
+
+
 def new_case_values(session: Session, *, strategy: Strategy, org: Organization, now: datetime) -> dict[str, Any]:
     """The columns of a fresh case (or a restarted one) for an ``UPDATE accounts``: next case number,
-    anchor, the carrying invoice it is opened on, nothing done yet."""
+    anchor, the carrying invoice it is opened on, the first stage (§4.4), nothing done yet."""
     return dict(
         status=AccountStatus.pending_contact.value,
         collection_tab=CollectionTab.scheduled.value,
@@ -67,7 +89,7 @@ def new_case_values(session: Session, *, strategy: Strategy, org: Organization, 
         case_opened_on=local_date(now, org.timezone),
         case_anchor_date=anchor_expr(session, strategy=strategy, org=org, now=now),
         case_invoice_id=Account.carrying_invoice_id,
-        case_next_stage=None,
+        case_next_stage=first_case_stage(session, strategy=strategy, org=org, now=now),
         case_prev_completed_at=None,
         case_prev_completed_on=None,
         case_next_delay_days=None,
@@ -76,6 +98,19 @@ def new_case_values(session: Session, *, strategy: Strategy, org: Organization, 
         case_tone_override=None,
         callback_at=None,
         updated_at=now,
+    )
+
+
+def first_case_stage(session: Session, *, strategy: Strategy, org: Organization, now: datetime) -> ColumnElement[Any] | None:
+    """The first stage of a case opened (or restarted) at ``now``, as a SQL expression over the row.
+
+    SQL evaluates every ``SET`` expression of an ``UPDATE`` on the row as it was, so this counts from
+    the new anchor's expression, not from the ``case_anchor_date`` column."""
+    return first_stage_expr(
+        session,
+        strategy=strategy,
+        local_today=local_today_expr(session, organization_id=org.id, org_timezone=org.timezone, now=now),
+        anchor=anchor_expr(session, strategy=strategy, org=org, now=now),
     )
 
 
@@ -95,7 +130,8 @@ def open_cases(
         at=now,
         event="assigned",
         cause=cause,
-        details={"strategy_id": strategy.id, "strategy": strategy.name},
+        stage_index=first_case_stage(session, strategy=strategy, org=org, now=now),
+        details={"strategy_id": strategy.id, "strategy": strategy.name, "first_action": str(strategy.first_action_logic)},
     )
     result = session.execute(
         update(Account)

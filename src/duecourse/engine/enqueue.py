@@ -43,10 +43,17 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from duecourse.campaigns.models import Campaign
 from duecourse.db.dialect import date_plus_days, dialect_name, insert_for, serialize_on
-from duecourse.engine.assign import assign_campaign_accounts, campaigns_enqueueable, new_case_values
-from duecourse.engine.log import cancel_pending, log_accounts, log_items
+from duecourse.engine.assign import (
+    assign_campaign_accounts,
+    campaigns_enqueueable,
+    first_case_stage,
+    first_stage_expr,
+    new_case_values,
+    stage_specs,
+)
+from duecourse.engine.log import can_change_and_log, cancel_pending, change_and_log, log_accounts, log_items
 from duecourse.engine.models import LIVE_ITEM_PREDICATE, QueueItem, QueueStatus
-from duecourse.engine.stages import StageSpec, first_stage, offsets
+from duecourse.engine.stages import StageSpec, offsets
 from duecourse.engine.timing import (
     at_local,
     into_allowed_hours,
@@ -54,7 +61,7 @@ from duecourse.engine.timing import (
     next_automation_slot,
     weekday_set,
 )
-from duecourse.ledger.derived import days_between_expr, local_today_expr
+from duecourse.ledger.derived import local_today_expr
 from duecourse.ledger.models import CONTACTABLE_STATUSES, Account, AccountStatus, CollectionTab
 from duecourse.strategies.models import MultiStageHandling, Strategy
 from duecourse.tenancy.models import Organization
@@ -147,7 +154,7 @@ def enqueue(
     local_today = local_today_expr(session, organization_id=org.id, org_timezone=org.timezone, now=now)
     _prepare_slots(session)
     for strategy in session.scalars(stmt.order_by(Strategy.id)).all():
-        stages = [StageSpec(s.position, str(s.action_type), str(s.timing_type), s.days) for s in strategy.stages]
+        stages = stage_specs(strategy)
         if not stages:
             continue
         plan = _Plan(org, settings, strategy, stages, offsets(stages), local_today, now, cause)
@@ -213,7 +220,8 @@ def _restart_on_new_carrying_invoice(session: Session, plan: _Plan, *, campaign_
     )
     log_accounts(
         session, where=where, at=plan.now, event="restarted", cause="carrying_invoice_changed",
-        details={"strategy_id": plan.strategy.id},
+        stage_index=first_case_stage(session, strategy=plan.strategy, org=plan.org, now=plan.now),
+        details={"strategy_id": plan.strategy.id, "first_action": str(plan.strategy.first_action_logic)},
     )
     result = session.execute(
         update(Account).where(where).values(**new_case_values(session, strategy=plan.strategy, org=plan.org, now=plan.now))
@@ -248,28 +256,29 @@ def _reset_broken_promises(session: Session, plan: _Plan, eligible: ColumnElemen
     return result.rowcount or 0
 
 
-def _first_stage_expr(session: Session, plan: _Plan) -> ColumnElement[Any]:
-    """§4.4 as one CASE over the days since the anchor (the step function of stages.first_stage)."""
-    days = days_between_expr(session, plan.local_today, Account.case_anchor_date)
-    offs = plan.offsets
-    # Evaluate first_stage at each breakpoint; the function only changes value at offsets and at 1.
-    points = sorted({*offs, 1})
-    whens = []
-    for p in reversed(points):
-        whens.append((days >= p, literal(first_stage(str(plan.strategy.first_action_logic), offs, p))))
-    below = first_stage(str(plan.strategy.first_action_logic), offs, min(points) - 1)
-    return case(*whens, else_=literal(below))
-
-
 def _choose_first_stage(session: Session, plan: _Plan, eligible: ColumnElement[bool]) -> None:
+    """§4.4 for an eligible case without a next stage. Cases get their first stage when they open
+    (:func:`duecourse.engine.assign.new_case_values`); this covers a case whose strategy had no
+    stages then."""
     where = and_(eligible, Account.case_next_stage.is_(None))
-    first = _first_stage_expr(session, plan)
+    first = first_stage_expr(session, strategy=plan.strategy, local_today=plan.local_today, anchor=Account.case_anchor_date)
+    assert first is not None  # the caller skips strategies without stages
+    cause = str(plan.strategy.first_action_logic)
+    if can_change_and_log(session):
+        change = (
+            update(Account.__table__)
+            .where(where)
+            .values(case_next_stage=first, updated_at=plan.now)
+            .returning(Account.organization_id, Account.id, Account.case_number, Account.case_next_stage)
+        )
+        change_and_log(session, change, at=plan.now, event="first_action", cause=cause)
+        return
     log_accounts(
         session,
         where=where,
         at=plan.now,
         event="first_action",
-        cause=str(plan.strategy.first_action_logic),
+        cause=cause,
         stage_index=first,
     )
     session.execute(
@@ -458,6 +467,9 @@ def _insert_items(session: Session, plan: _Plan, *, where: ColumnElement[bool], 
             index_where=text(LIVE_ITEM_PREDICATE),
         )
     )
+    if can_change_and_log(session):
+        returning = (QueueItem.organization_id, QueueItem.account_id, QueueItem.case_number, QueueItem.stage_index, QueueItem.id)
+        return change_and_log(session, stmt.returning(*returning), at=now, event="enqueued", cause=plan.cause)
     inserted = session.execute(stmt.execution_options(preserve_rowcount=True)).rowcount or 0
     if inserted:
         log_items(

@@ -2,7 +2,8 @@
 
 Each writer is one ``INSERT … SELECT`` so an action over a million accounts logs in one statement.
 Call the log writer *before* the statement that changes the rows it selects, in the same
-transaction, so both see the same set.
+transaction, so both see the same set. On PostgreSQL, :func:`change_and_log` does both in one
+statement (the change's ``RETURNING`` feeds the log), which saves reading the rows twice.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from typing import Any
 
 from sqlalchemy import and_, insert, literal, null, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.dml import ReturningInsert, ReturningUpdate
 from sqlalchemy.sql.elements import ColumnElement
 
+from duecourse.db.dialect import dialect_name
 from duecourse.engine.models import ExecutionLogEntry, QueueItem, QueueStatus
 from duecourse.ledger.models import Account
 
@@ -89,6 +92,48 @@ def log_items(
             ).where(where),
         )
     )
+
+
+def can_change_and_log(session: Session) -> bool:
+    """Whether :func:`change_and_log` is available (PostgreSQL's data-modifying ``WITH``)."""
+    return dialect_name(session) == "postgresql"
+
+
+def change_and_log(
+    session: Session,
+    change: ReturningInsert[Any] | ReturningUpdate[Any],
+    *,
+    at: datetime,
+    event: str,
+    cause: str | None = None,
+    reason: str | None = None,
+) -> int:
+    """Run ``change`` and log one entry per row it wrote, in one statement (PostgreSQL only).
+
+    ``change`` returns, in this order: ``organization_id``, ``account_id``, ``case_number``,
+    ``stage_index`` and, for queue items, their ``id``. Returns the number of rows changed (= entries
+    written).
+    """
+    rows = change.cte("changed")
+    c = list(rows.c)
+    if len(c) == 4:
+        c.append(null())
+    stmt = insert(ExecutionLogEntry).from_select(
+        _COLUMNS,
+        select(
+            c[0],
+            c[1],
+            literal(at, type_=ExecutionLogEntry.at.type),
+            literal(event),
+            c[2],
+            c[3],
+            c[4],
+            literal(reason) if reason is not None else null(),
+            literal(cause) if cause is not None else null(),
+            null(),
+        ),
+    )
+    return session.execute(stmt.execution_options(preserve_rowcount=True)).rowcount or 0
 
 
 def cancel_pending(
