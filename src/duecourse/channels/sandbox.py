@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session
 
 from duecourse.channels.base import OutboundMessage, SendResult
 from duecourse.channels.models import SandboxMessage
+from duecourse.engine import dispatch_rows
 
 
 class SandboxProvider:
@@ -23,7 +24,7 @@ class SandboxProvider:
         # item is still to do; if it commits, the item is completed and never sent again. The unique
         # idempotency key is the last guard against a second row for the same attempt.
         provider_ref = f"sandbox-{message.idempotency_key}"
-        self.session.add(SandboxMessage(
+        row = dict(
             organization_id=message.organization_id,
             account_id=message.account_id,
             idempotency_key=message.idempotency_key,
@@ -35,5 +36,10 @@ class SandboxProvider:
             body_html=message.body_html,
             tone=message.tone,
             created_at=self.now,
-        ))
+        )
+        batch = dispatch_rows.current(self.session)
+        if batch is not None:
+            batch.outbox.append(row)  # inserted with the batch's other rows, before its commit
+        else:
+            self.session.add(SandboxMessage(**row))
         return SendResult(provider_ref)

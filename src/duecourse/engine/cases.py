@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from duecourse.engine import dispatch_rows
 from duecourse.engine.models import ExecutionLogEntry
 from duecourse.engine.timing import local_date
 from duecourse.ledger.derived import refresh_tabs
@@ -28,6 +29,15 @@ def log_event(
     cause: str | None = None,
     details: dict[str, Any] | None = None,
 ) -> None:
+    rows = session.info.get(dispatch_rows.KEY)
+    if rows is not None:
+        # Inside a dispatch batch: a plain row, inserted with the batch's others (dispatch_rows).
+        rows.log.append(dispatch_rows.log_row(
+            organization_id=account.organization_id, account_id=account.id, at=at, event=event,
+            case_number=account.case_number, stage_index=stage_index, queue_item_id=queue_item_id,
+            reason=reason, cause=cause, details=details,
+        ))
+        return
     session.add(
         ExecutionLogEntry(
             organization_id=account.organization_id,
@@ -83,6 +93,7 @@ def tabs_refreshed_at_end(session: Session) -> Iterator[None]:
         yield
     finally:
         session.info.pop("deferred_tab_refresh", None)
+    dispatch_rows.write_pending(session)
     session.flush()
     for organization_id, ids in deferred.items():
         exclusions = get_settings(session, organization_id).exclusions

@@ -1,0 +1,267 @@
+"""The rows a dispatch batch adds, written with Core instead of ORM objects.
+
+A batch of a hundred items adds a sandbox outbox row, an interaction and two or three execution-log
+entries per item. As ORM objects they cost most of the batch: building them, then the unit of work
+turning them into large multi-row ``INSERT … RETURNING`` statements whose ids nobody reads. Inside
+:func:`collecting` the writers (:func:`duecourse.engine.cases.log_event`, the sandbox provider,
+the dispatch's interaction) append plain dicts here instead, and :func:`write_pending` sends each
+table's rows as one statement: on PostgreSQL one ``INSERT … SELECT FROM json_to_recordset(<the rows
+as one JSON parameter>)`` (a short statement whatever the batch size, so psycopg parses it once, and
+the server runs one statement instead of one per row); on SQLite an executemany of a single-row
+``INSERT``. No ``RETURNING``: nobody reads these ids in the batch. The changes of the batch's queue
+items and accounts (still ORM objects) are written the same way, one ``UPDATE … FROM`` per table and
+set of changed columns, instead of by the unit of work at commit.
+
+Ordering: the rows are written, table by table in the order they were collected, at the end of
+the batch before its commit, and before anything in the batch reads those tables or writes them
+another way (:func:`paused`: a delivery report applied to the item just recorded). Nothing is
+ever written outside the batch's transaction: a batch that fails writes none of its rows.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from enum import Enum
+from typing import Any
+
+from sqlalchemy import Table, bindparam, insert, inspect, update
+from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
+
+from duecourse.channels.models import SandboxMessage
+from duecourse.engine.models import ExecutionLogEntry, Interaction
+
+KEY = "dispatch_rows"
+
+OUTBOX = SandboxMessage.__table__
+INTERACTIONS = Interaction.__table__
+LOG = ExecutionLogEntry.__table__
+
+
+@dataclass
+class BatchRows:
+    """Rows waiting to be inserted, per table (each dict of a table has the same keys)."""
+
+    outbox: list[dict[str, Any]] = field(default_factory=list)
+    interactions: list[dict[str, Any]] = field(default_factory=list)
+    log: list[dict[str, Any]] = field(default_factory=list)
+    # ORM objects (the batch's queue items and accounts) whose changes are written here with Core
+    # rather than by the unit of work; whatever the unit of work flushes before (autoflush) is
+    # simply no longer changed when we get here.
+    tracked: list[Any] = field(default_factory=list)
+    statements: int = 0  # how many statements write() executed (for tests and the profile)
+
+    def __bool__(self) -> bool:
+        return bool(self.outbox or self.interactions or self.log or self.tracked)
+
+    def write(self, session: Session) -> None:
+        postgres = session.get_bind().dialect.name == "postgresql"
+        if self.tracked:
+            self.statements += update_changed(session, self.tracked, postgres=postgres)
+        # Within a table the rows go in the order they were collected, so ids increase in the order
+        # things happened (execution-log readers order by id).
+        for table, rows in ((OUTBOX, self.outbox), (INTERACTIONS, self.interactions), (LOG, self.log)):
+            if rows:
+                if postgres:
+                    insert_json(session, table, rows)
+                else:
+                    session.execute(insert(table), rows)
+                self.statements += 1
+                rows.clear()
+
+
+def current(session: Session) -> BatchRows | None:
+    """The collector of the batch this session is running, if any."""
+    return session.info.get(KEY)
+
+
+def write_pending(session: Session) -> None:
+    """Insert what has been collected so far (before anything in the transaction reads those tables)."""
+    rows = session.info.get(KEY)
+    if rows:
+        rows.write(session)
+
+
+@contextmanager
+def collecting(session: Session) -> Iterator[BatchRows]:
+    """Collect the block's new outbox rows, interactions and log entries; insert them when the block
+    ends without an error (a block that raises writes nothing: its transaction rolls back)."""
+    if KEY in session.info:  # nested: the outer block writes
+        yield session.info[KEY]
+        return
+    session.info[KEY] = rows = BatchRows()
+    try:
+        yield rows
+        rows.write(session)
+    finally:
+        session.info.pop(KEY, None)
+
+
+@contextmanager
+def paused(session: Session) -> Iterator[None]:
+    """Write what has been collected, then let the block write through the ORM as usual (code from
+    other modules that mixes log entries with set-based statements keeps its order)."""
+    rows = session.info.get(KEY)
+    if rows is None:
+        yield
+        return
+    rows.write(session)
+    del session.info[KEY]
+    try:
+        yield
+    finally:
+        session.info[KEY] = rows
+
+
+def log_row(
+    *, organization_id: int, account_id: int, at: Any, event: str, case_number: int | None, stage_index: int | None,
+    queue_item_id: int | None, reason: str | None, cause: str | None, details: dict[str, Any] | None,
+) -> dict[str, Any]:
+    return {
+        "organization_id": organization_id, "account_id": account_id, "at": at, "event": event,
+        "case_number": case_number, "stage_index": stage_index, "queue_item_id": queue_item_id,
+        "reason": reason, "cause": cause, "details": details,
+    }
+
+
+# --- PostgreSQL: INSERT … SELECT FROM json_to_recordset(one JSON document) ------------------------
+# The batch's rows travel as one JSON array (serialized by the C encoder; psycopg's text-array
+# dumping escapes every element with a regular expression, which cost more than the insert). The
+# values are converted here the way the columns' SQLAlchemy types would convert them: enums to their
+# values, aware datetimes to naive UTC (``UTCDateTime``), JSON documents serialized and cast back, so
+# ``None`` is the JSON ``null`` the ``JSON`` type writes.
+
+
+def _plain(value: Any) -> Any:
+    return value.value if isinstance(value, Enum) else value
+
+
+def _utc(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        raise ValueError("naive datetime given where UTC is required")
+    return value.astimezone(UTC).replace(tzinfo=None).isoformat()
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value)
+
+
+def _day(value: date | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def _money(value: Any) -> int | None:
+    from duecourse.db.base import money_to_units
+
+    return None if value is None else money_to_units(value)
+
+
+def _record_type(column: Any) -> tuple[str, str, Callable[[Any], Any]]:
+    """(type in the record definition, the SQL of the value with ``{}`` for the record's field, the
+    Python conversion)."""
+    from duecourse.db.base import Money, UTCDateTime
+
+    if isinstance(column.type, UTCDateTime):
+        return "timestamp", "{}", _utc
+    if isinstance(column.type, Money):
+        return "bigint", "{}", _money
+    kind = type(column.type).__name__
+    if kind == "Date":
+        return "date", "{}", _day
+    if kind == "JSON":
+        return "text", "CAST({} AS json)", _json
+    if kind in ("BigInteger", "Integer", "SmallInteger"):
+        return "bigint", "{}", _plain
+    if kind == "Boolean":
+        return "boolean", "{}", _plain
+    if kind in ("String", "Text", "Enum"):
+        return "text", "{}", _plain
+    raise TypeError(f"{column.table.name}.{column.name}: no record type for {kind}")
+
+
+_SQL: dict[tuple[str, tuple[str, ...]], tuple[str, list[Callable[[Any], Any]]]] = {}
+
+
+def insert_json(session: Session, table: Table, rows: list[dict[str, Any]]) -> None:
+    """Insert ``rows`` (dicts with the same keys) in one statement, in their order."""
+    names = tuple(rows[0])
+    key = (table.name, names)
+    if key not in _SQL:
+        specs = [_record_type(table.c[n]) for n in names]
+        cols = ", ".join(f'"{n}"' for n in names)
+        record = ", ".join(f'"{n}" {t}' for n, (t, _, _) in zip(names, specs, strict=True))
+        selected = ", ".join(e.format(f'v."{n}"') for n, (_, e, _) in zip(names, specs, strict=True))
+        _SQL[key] = (
+            f"INSERT INTO {table.name} ({cols}) SELECT {selected} "
+            f"FROM ROWS FROM (json_to_recordset(%s::json) AS ({record})) WITH ORDINALITY AS v({cols}, _n) "
+            "ORDER BY _n",
+            [f for _, _, f in specs],
+        )
+    sql, convert = _SQL[key]
+    pairs = list(zip(names, convert, strict=True))
+    doc = json.dumps([{n: f(r[n]) for n, f in pairs} for r in rows], separators=(",", ":"))
+    session.connection().exec_driver_sql(sql, (doc,))
+
+
+def _changes(obj: Any) -> dict[str, Any] | None:
+    """The attributes of ``obj`` set since it was loaded or last flushed (None: nothing)."""
+    state = inspect(obj)
+    if not state.modified or state.session_id is None or state.key is None:
+        return None
+    changed = state.committed_state
+    if not changed:
+        return None
+    columns = obj.__table__.c
+    if any(k not in columns or k not in state.dict for k in changed):
+        return None  # a relationship or an expired attribute: left to the unit of work
+    return {k: state.dict[k] for k in changed}
+
+
+_UPDATE_SQL: dict[tuple[str, tuple[str, ...]], tuple[str, list[Callable[[Any], Any]]]] = {}
+
+
+def update_changed(session: Session, objects: list[Any], *, postgres: bool) -> int:
+    """Write the changed columns of ``objects`` (mapped to one table per class, primary key ``id``)
+    as one statement per table and set of changed columns, then tell the session they are written.
+    Returns the number of statements."""
+    groups: dict[tuple[Table, tuple[str, ...]], list[tuple[Any, dict[str, Any]]]] = {}
+    for obj in objects:
+        changes = _changes(obj)
+        if changes:
+            table = obj.__table__
+            groups.setdefault((table, tuple(sorted(changes))), []).append((obj, changes))
+    for (table, names), members in groups.items():
+        rows = [{"id": obj.id, **changes} for obj, changes in members]
+        if postgres:
+            _update_json(session, table, names, rows)
+        else:
+            stmt = update(table).where(table.c.id == bindparam("_id")).values({n: bindparam(n) for n in names})
+            session.execute(stmt, [{"_id": r["id"], **{n: r[n] for n in names}} for r in rows])
+        for obj, changes in members:
+            for k, v in changes.items():
+                set_committed_value(obj, k, v)  # written: the unit of work has nothing left to do for it
+    return len(groups)
+
+
+def _update_json(session: Session, table: Table, names: tuple[str, ...], rows: list[dict[str, Any]]) -> None:
+    """``UPDATE table SET <names> FROM json_to_recordset(rows) WHERE id = …``: one statement."""
+    key = (table.name, names)
+    if key not in _UPDATE_SQL:
+        specs = [_record_type(table.c[n]) for n in names]
+        record = ", ".join(f'"{n}" {t}' for n, (t, _, _) in zip(names, specs, strict=True))
+        sets = ", ".join(f'"{n}" = ' + e.format(f'v."{n}"') for n, (_, e, _) in zip(names, specs, strict=True))
+        _UPDATE_SQL[key] = (
+            f"UPDATE {table.name} SET {sets} FROM json_to_recordset(%s::json) AS v(id bigint, {record}) "
+            f"WHERE {table.name}.id = v.id",
+            [f for _, _, f in specs],
+        )
+    sql, convert = _UPDATE_SQL[key]
+    pairs = list(zip(names, convert, strict=True))
+    doc = json.dumps([{"id": r["id"], **{n: f(r[n]) for n, f in pairs}} for r in rows], separators=(",", ":"))
+    session.connection().exec_driver_sql(sql, (doc,))
