@@ -460,3 +460,40 @@ def test_fake_twilio_posts_a_signed_callback_over_http(db, clock, fake, make_org
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_a_whatsapp_reply_completes_a_whatsapp_conversation_stage(db, org, client, clock, app, fake):
+    _configure(org, fake, "sms")
+    _configure(org, fake, "whatsapp")
+    providers = Providers(app.state.settings)
+    aid = _scenario(db, org, clock.now(), [("whatsapp", "t", 0), ("sms", "p", 1)])
+    with db.transaction() as s:  # retries make the WhatsApp stage a conversation that waits for a reply
+        from duecourse.strategies.models import Stage
+        stage = s.scalars(select(Stage).where(Stage.position == 0, Stage.action_type == "whatsapp")).one()
+        stage.max_retries, stage.step_timeout_hours = 1, 24
+    assert tick(db, now=clock.now(), providers=providers)["dispatch"] == {"dispatched": 1}
+    with db.transaction() as s:
+        assert s.get(Account, aid).case_next_stage == 0
+    # An SMS reply is recorded but is not the WhatsApp conversation's answer.
+    r, _ = _inbound(client, org, "ok")
+    assert r.status_code == 200
+    with db.transaction() as s:
+        assert s.get(Account, aid).case_next_stage == 0
+    clock.advance(hours=2)
+    r, sid = _inbound(client, org, "Hola, pago el viernes", sender=f"whatsapp:{WHATSAPP}", token=WA_TOKEN)
+    assert r.status_code == 200
+    with db.transaction() as s:
+        acct = s.get(Account, aid)
+        assert (acct.case_next_stage, acct.status) == (1, "in_auto_management")
+        entries = [e for e in log(s, aid) if e[0] in ("inbound_message", "outcome", "advanced")]
+        assert entries == [("inbound_message", None, None), ("inbound_message", None, None), ("outcome", 0, "replied"),
+                           ("advanced", 1, None)]
+        sent = s.scalars(select(Interaction).where(Interaction.account_id == aid, Interaction.direction == "outbound")).one()
+        assert sent.status == "answered"
+    # The timeout has nothing left to expire, and the same reply delivered again changes nothing.
+    before = _snapshot(db, aid)
+    r, _ = _inbound(client, org, "Hola, pago el viernes", sender=f"whatsapp:{WHATSAPP}", token=WA_TOKEN, sid=sid)
+    clock.advance(hours=30)
+    assert tick(db, now=clock.now(), providers=providers)["step_timeouts"] == 0
+    after = _snapshot(db, aid)
+    assert after[1][: len(before[1])] == before[1] and "step_timeout" not in [e[0] for e in after[1]]

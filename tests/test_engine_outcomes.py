@@ -261,3 +261,75 @@ def test_a_requested_callback_is_not_held_by_the_daily_limit(db, org, clock):
     with db.transaction() as s:
         calls = s.scalars(select(QueueItem).where(QueueItem.account_id == aid, QueueItem.status == "completed")).all()
         assert [(c.is_callback, c.sent_at) for c in calls] == [(False, now), (True, at)]
+
+
+def _whatsapp_conversation(db, org, now, ext, *, max_retries):
+    """A WhatsApp stage (with a template) then an email 3 days later; one debtor due yesterday."""
+    from duecourse.messaging.models import Template
+    from duecourse.strategies.models import Stage
+
+    _setup(db, org, now, [("whatsapp", "t", 0), ("email", "p", 3)])
+    with db.transaction() as s:
+        tpl = Template(organization_id=org.id, name="wa t", channel="whatsapp", tone="standard",
+                       body_text="Hello {{ debtor_name }}, can we talk about {{ balance }} {{ currency }}?",
+                       created_at=now, updated_at=now)
+        s.add(tpl)
+        s.flush()
+        st = s.scalars(select(Stage).where(Stage.position == 0)).one()
+        st.template_id = tpl.id
+        st.max_retries, st.retry_delay_hours, st.step_timeout_hours = max_retries, 4, 24
+    # Allow two contacts a day, so a retry four hours later is not held by the frequency limit.
+    org.patch("/api/v1/settings", json={"dispatch": {"frequency_limits": {"overall": {"per_day": 2}}}})
+    return _new(db, org, now, ext, whatsapp="+34600111444")
+
+
+def test_whatsapp_conversation_waits_for_an_answer_and_retries_on_timeout_and_no_answer(db, org, clock):
+    # §3 gives WhatsApp stages retries and a step timeout; §4.8 retries them after no answer or a
+    # timeout. Such a stage is a conversation: it stays open after the send, unlike a one-shot message.
+    now = clock.now()
+    aid = _whatsapp_conversation(db, org, now, "WA", max_retries=2)
+    assert tick(db, now=now)["dispatch"] == {"dispatched": 1}
+    acct = _account(db, aid)
+    assert (acct.case_next_stage, acct.case_retry_count) == (0, 0)  # waiting for the debtor
+    with db.transaction() as s:
+        assert "advanced" not in [e[0] for e in log(s, aid)]
+    # Nothing back within the 24 h step timeout: unanswered, retried 4 hours later.
+    clock.advance(hours=23)
+    assert tick(db, now=clock.now())["step_timeouts"] == 0
+    clock.advance(hours=2)
+    r = tick(db, now=clock.now())
+    assert r["step_timeouts"] == 1
+    with db.transaction() as s:
+        assert items(s, aid)[-1][:3] == (0, "pending", clock.now() + timedelta(hours=4))
+        assert [e for e in log(s, aid) if e[0] in ("step_timeout", "retry")] == [("step_timeout", 0, None), ("retry", 0, "step_timeout")]
+    clock.advance(hours=4)
+    assert tick(db, now=clock.now())["dispatch"] == {"dispatched": 1}
+    # A WhatsApp agent reports "no answer" through the outcome API: the last retry.
+    r = org.post("/api/v1/outcomes/call", role="manager", json={"queue_item_id": _item(db, aid, 0), "outcome": "no_answer"})
+    assert r.json() == {"result": "retry"}
+    clock.advance(hours=4)
+    assert tick(db, now=clock.now())["dispatch"] == {"dispatched": 1}
+    # Retries used up: the next timeout advances the case to the email, due 3 days later.
+    clock.advance(hours=25)
+    r = tick(db, now=clock.now())
+    assert r["step_timeouts"] == 1
+    acct = _account(db, aid)
+    assert (acct.case_next_stage, acct.case_retry_count) == (1, 0)
+    with db.transaction() as s:
+        assert [m.channel for m in s.scalars(select(SandboxMessage).where(SandboxMessage.account_id == aid))] == ["whatsapp"] * 3
+        assert ("advanced", 1, None) in log(s, aid)
+        assert [i[:2] for i in items(s, aid)][-1] == (1, "pending")
+
+
+def test_whatsapp_without_retries_completes_when_accepted(db, org, clock):
+    now = clock.now()
+    aid = _whatsapp_conversation(db, org, now, "WA1", max_retries=0)
+    assert tick(db, now=now)["dispatch"] == {"dispatched": 1}
+    acct = _account(db, aid)
+    assert acct.case_next_stage == 1
+    clock.advance(hours=25)
+    assert tick(db, now=clock.now())["step_timeouts"] == 0
+    # An outcome reported for it changes nothing in the case: the stage is already complete.
+    r = org.post("/api/v1/outcomes/call", role="manager", json={"queue_item_id": _item(db, aid, 0), "outcome": "no_answer"})
+    assert r.json() == {"result": "stale"}
+    assert _account(db, aid).case_next_stage == 1

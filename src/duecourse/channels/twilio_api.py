@@ -219,6 +219,8 @@ async def twilio_inbound(organization_id: int, request: Request, session: DbSess
         ))
         log_event(session, account, at=now, event="inbound_message", cause="twilio",
                   details={"channel": channel, "message_sid": sid, "from": sender, "body": body[:500]})
+        # A reply completes a WhatsApp conversation stage that waits for one (§4.8).
+        outcomes.record_reply(session, account, channel=channel, now=now, provider_ref=sid)
         if opt is None:
             continue
         if getattr(account, flag) != opt:

@@ -46,6 +46,7 @@ from duecourse.engine.models import (
     Task,
     TaskStatus,
 )
+from duecourse.engine.stages import waits_for_reply
 from duecourse.engine.timing import earliest_within_limit, into_allowed_hours, is_allowed, local_date
 from duecourse.ledger.models import CONTACTABLE_STATUSES, Account, AccountStatus, CollectionTab, Invoice
 from duecourse.messaging import rendering
@@ -561,7 +562,8 @@ def _record_sent(ctx: _Ctx, provider_ref: str | None, *, status: InteractionStat
               details={"channel": channel, "provider_ref": provider_ref})
     if channel in ("escalation", "place_on_stop"):
         _emit_stage_event(ctx, channel)
-    if channel in WAITS_FOR_OUTCOME:
+    stage = ctx.strategy.stages[item.stage_index] if ctx.strategy and item.stage_index < stage_count else None
+    if channel in WAITS_FOR_OUTCOME or (stage is not None and waits_for_reply(channel, stage.max_retries)):
         refresh_account_tab(s, a)  # the stage completes with its outcome (§4.8)
     else:
         advance(s, a, completed_stage=item.stage_index, stage_count=stage_count, org_tz=ctx.org.timezone, now=ctx.now,

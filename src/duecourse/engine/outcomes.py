@@ -30,7 +30,7 @@ from duecourse.engine.models import (
     Task,
     TaskStatus,
 )
-from duecourse.engine.stages import scaled_days
+from duecourse.engine.stages import scaled_days, waits_for_reply
 from duecourse.engine.timing import into_allowed_hours, local_date
 from duecourse.errors import Conflict, FieldError, NotFound, ValidationFailed
 from duecourse.events.service import account_data, emit, promise_data
@@ -49,6 +49,10 @@ from duecourse.tenancy.models import Organization
 from duecourse.tenancy.service import get_settings
 
 NO_CONVERSATION = (Outcome.no_answer, Outcome.dropped)
+
+
+# Items whose stage stays open after the send, until an outcome (or a timeout) completes it.
+CONVERSATIONS = ("voice", "whatsapp")
 
 
 @dataclass
@@ -241,8 +245,8 @@ def record_call_outcome(
 ) -> str:
     """A voice call's result (§4.8): retries, callbacks, promises, adaptive timing, disputes."""
     item = _item(session, organization_id=organization_id, queue_item_id=queue_item_id, provider_ref=provider_ref)
-    if str(item.action) != "voice":
-        raise ValidationFailed.on("queue_item_id", "is not a voice call")
+    if str(item.action) not in CONVERSATIONS:
+        raise ValidationFailed.on("queue_item_id", "is not a voice call or a WhatsApp conversation")
     if report.failed:
         return record_delivery(session, organization_id=organization_id, now=now, status="failed", queue_item_id=item.id)
     account = _account(session, item.account_id)
@@ -473,20 +477,56 @@ def expire_callbacks(session: Session, *, organization_id: int, now: datetime) -
     return len(accounts)
 
 
+def record_reply(session: Session, account: Account, *, channel: str, now: datetime, provider_ref: str | None) -> str | None:
+    """An inbound message from the debtor. A reply on WhatsApp while the case waits on a WhatsApp
+    conversation stage (:func:`waits_for_reply`) completes that stage: the conversation happened.
+    Returns ``"completed"`` then, else None (the message is only recorded by the caller)."""
+    if channel != "whatsapp" or account.case_next_stage is None or account.status not in _WAITING_STATUSES:
+        return None
+    item = session.scalar(
+        select(QueueItem)
+        .where(QueueItem.account_id == account.id, QueueItem.case_number == account.case_number,
+               QueueItem.stage_index == account.case_next_stage, QueueItem.action == "whatsapp",
+               QueueItem.status == QueueStatus.completed)
+        .order_by(QueueItem.id.desc())
+        .with_for_update()
+    )
+    if item is None:
+        return None
+    stages = _stages(session, account.strategy_id)
+    stage = stages[item.stage_index] if item.stage_index < len(stages) else None
+    if stage is None or not waits_for_reply("whatsapp", stage.max_retries):
+        return None
+    interaction = session.scalar(select(Interaction).where(Interaction.queue_item_id == item.id).order_by(Interaction.id.desc()))
+    if interaction is not None:
+        interaction.status = InteractionStatus.answered
+    log_event(session, account, at=now, event="outcome", stage_index=item.stage_index, queue_item_id=item.id,
+              reason="replied", details={"channel": channel, "provider_ref": provider_ref})
+    org = _org(session, account.organization_id)
+    advance(session, account, completed_stage=item.stage_index, stage_count=len(stages), org_tz=org.timezone, now=now,
+            cause="replied")
+    return "completed"
+
+
+_WAITING_STATUSES = (AccountStatus.in_auto_management.value, AccountStatus.pending_contact.value, AccountStatus.promise_overdue.value)
+
+
 def expire_step_timeouts(session: Session, *, organization_id: int, now: datetime) -> int:
-    """§4.8: a voice call with no outcome after ``step_timeout_hours`` counts as unanswered."""
+    """§4.8: a voice call, or a WhatsApp conversation (:func:`waits_for_reply`), with no outcome after
+    ``step_timeout_hours`` counts as unanswered: retried while retries remain, then the case advances."""
     org = _org(session, organization_id)
     waiting = session.execute(
         select(QueueItem, Stage.step_timeout_hours, Stage)
         .join(Account, and_(Account.id == QueueItem.account_id, Account.case_number == QueueItem.case_number,
                             Account.case_next_stage == QueueItem.stage_index))
         .join(Stage, and_(Stage.strategy_id == QueueItem.strategy_id, Stage.position == QueueItem.stage_index))
-        .where(QueueItem.organization_id == organization_id, QueueItem.action == "voice",
-               QueueItem.status == QueueStatus.completed, Account.status.in_(
-                   [AccountStatus.in_auto_management.value, AccountStatus.pending_contact.value, AccountStatus.promise_overdue.value]))
+        .where(QueueItem.organization_id == organization_id, QueueItem.action.in_(CONVERSATIONS),
+               QueueItem.status == QueueStatus.completed, Account.status.in_(_WAITING_STATUSES))
     ).all()
     n = 0
     for item, timeout_hours, stage in waiting:
+        if str(item.action) == "whatsapp" and not waits_for_reply("whatsapp", stage.max_retries):
+            continue
         if item.sent_at is None or item.sent_at + timedelta(hours=timeout_hours or 24) > now:
             continue
         answered = session.scalar(select(Interaction.id).where(Interaction.queue_item_id == item.id, Interaction.outcome.is_not(None)))

@@ -115,3 +115,12 @@ def stages_to_enqueue(handling: str, due: Sequence[date], start: int, today: dat
     if handling == "one_per_run":
         return [indices[0]], []
     return indices, []
+
+
+def waits_for_reply(action: str, max_retries: int | None) -> bool:
+    """A WhatsApp stage with retries is a conversation attempt (§3: retries and a step timeout for
+    ``voice`` and ``whatsapp``): it completes when the debtor replies or an outcome is reported, and
+    after ``step_timeout_hours`` without either it counts as unanswered and is retried (§4.8). A
+    WhatsApp stage without retries has nothing to wait for: it completes when the provider accepts
+    the message, like SMS (§4.8)."""
+    return action == "whatsapp" and (max_retries or 0) > 0
