@@ -14,8 +14,8 @@ from duecourse.engine.dispatch import _run_batch, claim, process_item, run_due, 
 from duecourse.engine.models import ExecutionLogEntry, Interaction, QueueItem
 from duecourse.ledger.models import Account
 from tests.engine_helpers import debtor, refresh
-from tests.test_engine_dispatch import _setup
 from tests.test_dispatch_network import _enqueue
+from tests.test_engine_dispatch import _setup
 
 # (external id prefix, debtor fields): sent, refused by each contact rule, sent twice (the second
 # stage meets the frequency limit and is deferred), resolved before dispatch (cancelled).

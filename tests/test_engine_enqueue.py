@@ -24,14 +24,19 @@ def utc(*a):
 # clock starts Monday 2026-03-02 09:00 UTC = 10:00 Madrid.
 
 
+def _seed_004(s, org, now, ext):
+    """Seed 004: stages at offsets 0, 8, 15, 30, contextualized; a debtor 18 days past the anchor."""
+    st = strategy(s, org.id, now, [("email", "t", 0), ("email", "p", 8), ("email", "p", 7), ("email", "t", 30)],
+                  first_action_logic="contextualized")
+    a = debtor(s, org.id, now, ext, due=date(2026, 3, 2) - timedelta(days=18))
+    refresh(s, org.id, now)
+    return st, a, run_strategy_now(s, strategy=st, now=now, principal=Principal.system(org.id))
+
+
 def test_seed_004_contextualized_entry_at_offset_15(db, org, clock):
     now = clock.now()
     with db.transaction() as s:
-        st = strategy(s, org.id, now, [("email", "t", 0), ("email", "p", 8), ("email", "p", 7), ("email", "t", 30)],
-                      first_action_logic="contextualized")
-        a = debtor(s, org.id, now, "D18", due=date(2026, 3, 2) - timedelta(days=18))
-        refresh(s, org.id, now)
-        r = run_strategy_now(s, strategy=st, now=now, principal=Principal.system(org.id))
+        st, a, r = _seed_004(s, org, now, "D18")
         assert (r["assigned"], r["enqueued"]) == (1, 1)
         # Entered at the stage with offset 15 (index 2), due 15 days after the anchor: already due,
         # so scheduled at that day's 07:00 Madrid slot (in the past: dispatchable at once).
@@ -224,11 +229,7 @@ def test_a_case_without_a_next_stage_gets_its_first_action_at_enqueue(db, org, c
     # had no stages, or written by an older version) gets it at the next enqueue, logged apart.
     now = clock.now()
     with db.transaction() as s:
-        st = strategy(s, org.id, now, [("email", "t", 0), ("email", "p", 8), ("email", "p", 7), ("email", "t", 30)],
-                      first_action_logic="contextualized")
-        a = debtor(s, org.id, now, "NOSTAGE", due=date(2026, 3, 2) - timedelta(days=18))
-        refresh(s, org.id, now)
-        r = run_strategy_now(s, strategy=st, now=now, principal=Principal.system(org.id))
+        st, a, r = _seed_004(s, org, now, "NOSTAGE")
         assert r["assigned"] == 1 and s.get(Account, a.id).case_next_stage == 2
         s.execute(QueueItem.__table__.delete().where(QueueItem.account_id == a.id))
         s.get(Account, a.id).case_next_stage = None

@@ -8,6 +8,7 @@ expire: a debtor who opts out from an old message must still be heard.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from itsdangerous import BadSignature, URLSafeSerializer
 
@@ -21,6 +22,7 @@ class UnsubscribeTarget:
     channel: str
 
 
+@lru_cache(maxsize=8)  # one per secret key: every dispatched message signs a link
 def _serializer(secret_key: str) -> URLSafeSerializer:
     return URLSafeSerializer(secret_key, salt=_SALT)
 

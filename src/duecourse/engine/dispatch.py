@@ -33,8 +33,8 @@ from duecourse.channels.base import OutboundMessage, Provider, ProviderError
 from duecourse.channels.registry import Providers
 from duecourse.db.base import UTCDateTime
 from duecourse.db.dialect import claim_update, dialect_name
-from duecourse.engine.assign import campaigns_enqueueable
 from duecourse.engine import dispatch_rows
+from duecourse.engine.assign import campaigns_enqueueable
 from duecourse.engine.cases import advance, log_event, refresh_account_tab, tabs_refreshed_at_end
 from duecourse.engine.metrics import DISPATCH_SECONDS, DISPATCHES
 from duecourse.engine.models import (
