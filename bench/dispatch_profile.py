@@ -49,7 +49,7 @@ def main() -> None:
               f"{sum(v[1] for v in stmts.totals.values()):.2f}s as executed")
         for row in stmts.top(20):
             print(f"  {row['seconds']:7.3f}s {row['calls']:6d}  {row['statement']}")
-        pstats.Stats(prof, stream=sys.stdout).sort_stats("cumulative").print_stats(60)
+        pstats.Stats(prof, stream=sys.stdout).strip_dirs().sort_stats("cumulative").print_stats(60)
     finally:
         ec.drop_pg(args.db_name)
 
