@@ -36,6 +36,7 @@ from duecourse.errors import Conflict, FieldError, NotFound, ValidationFailed
 from duecourse.events.service import account_data, emit, promise_data
 from duecourse.ledger.derived import refresh_accounts
 from duecourse.ledger.models import (
+    CONTACTABLE_STATUSES,
     Account,
     AccountStatus,
     Invoice,
@@ -508,7 +509,8 @@ def record_reply(session: Session, account: Account, *, channel: str, now: datet
     return "completed"
 
 
-_WAITING_STATUSES = (AccountStatus.in_auto_management.value, AccountStatus.pending_contact.value, AccountStatus.promise_overdue.value)
+# A stage waits for its answer only while the case is contactable (§4.3).
+_WAITING_STATUSES = tuple(s.value for s in CONTACTABLE_STATUSES)
 
 
 def expire_step_timeouts(session: Session, *, organization_id: int, now: datetime) -> int:
