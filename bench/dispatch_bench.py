@@ -242,13 +242,17 @@ def main() -> None:
     p.add_argument("--items", type=int, default=200_000)
     p.add_argument("--sqlite-items", type=int, default=20_000, help="0 to skip SQLite")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--batch", type=int, default=100)
+    p.add_argument("--batch", type=int, default=None, help="items per batch (default: the worker's, Settings.dispatch_batch)")
     p.add_argument("--db-name", default="duecourse_dispatch_bench")
     p.add_argument("--keep", action="store_true")
     p.add_argument("--profile", action="store_true", help="per-statement SQL timings in the workers (adds overhead)")
     p.add_argument("--skip-procrastinate", action="store_true")
     p.add_argument("--results", type=Path, default=HERE / "results")
     args = p.parse_args()
+    if args.batch is None:
+        from duecourse.config import Settings
+
+        args.batch = Settings().dispatch_batch
 
     ctx = ec.machine()
     print("machine:", json.dumps(ctx), flush=True)

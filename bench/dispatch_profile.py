@@ -40,7 +40,7 @@ def main() -> None:
         prof = cProfile.Profile()
         t = time.monotonic()
         prof.enable()
-        counts = run_due(db, now=ec.NOW, worker="profile", batch=100)
+        counts = run_due(db, now=ec.NOW, worker="profile")
         prof.disable()
         took = time.monotonic() - t
         db.dispose()

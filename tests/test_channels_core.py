@@ -171,3 +171,19 @@ def test_sandbox_outbox_lists_sent_messages_newest_first(db, org, clock):
     assert org.get("/api/v1/sandbox/outbox?channel=sms").json()["items"] == []
     with db.transaction() as s:
         assert s.scalars(select(SandboxMessage)).all()[0].body_text  # rendered template text
+
+
+def test_unsubscribe_tokens_are_the_serializers_own_and_read_back():
+    """The fast token builder writes exactly what itsdangerous' serializer writes (links already
+    sent keep working), and only the right key reads it."""
+    from itsdangerous import URLSafeSerializer
+
+    from duecourse.channels.links import read_unsubscribe_token, unsubscribe_token
+
+    for org_id, account_id, channel in ((1, 2, "email"), (7, 123456789, "sms"), (3, 4, "whatsapp")):
+        token = unsubscribe_token("k3y", organization_id=org_id, account_id=account_id, channel=channel)
+        assert token == URLSafeSerializer("k3y", salt="duecourse-unsubscribe").dumps([org_id, account_id, channel])
+        target = read_unsubscribe_token("k3y", token)
+        assert (target.organization_id, target.account_id, target.channel) == (org_id, account_id, channel)
+        assert read_unsubscribe_token("other-key", token) is None
+        assert read_unsubscribe_token("k3y", token[:-2] + ("A" if token[-2] != "A" else "B") + token[-1]) is None

@@ -37,6 +37,12 @@ class Settings(BaseSettings):
     provider_timeout_seconds: float = Field(
         default=10.0, description="Longest wait for a provider (SMTP, messaging API, voice service) per send."
     )
+    dispatch_batch: int = Field(
+        default=500, ge=1, le=10_000,
+        description="Queue items a worker claims and handles in one transaction. Larger batches cost "
+        "fewer statements per message; a batch's messages to network providers are sent one after "
+        "another before the batch is recorded.",
+    )
     host: str = "127.0.0.1"
     port: int = 8000
     debug: bool = False

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Date, Integer, String, cast, func, literal, update
+from sqlalchemy import BigInteger, Date, Integer, String, any_, bindparam, cast, func, literal, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
@@ -12,6 +12,15 @@ from sqlalchemy.sql.elements import ColumnElement
 
 def dialect_name(session: Session) -> str:
     return session.get_bind().dialect.name
+
+
+def id_in(session: Session, column: Any, ids: list[int]) -> ColumnElement[bool]:
+    """``column IN (ids)``. On PostgreSQL ``column = ANY(:ids)`` with the ids as one array
+    parameter: the same statement text whatever the number of ids, so nothing is re-rendered or
+    re-parsed per call (a batch of hundreds of ids otherwise renders hundreds of placeholders)."""
+    if dialect_name(session) == "postgresql":
+        return column == any_(bindparam(None, list(ids), type_=postgresql.ARRAY(BigInteger)))
+    return column.in_(ids)
 
 
 def date_plus_days(session: Session, value: ColumnElement[Any], days: int | ColumnElement[Any]) -> ColumnElement[Any]:

@@ -85,6 +85,12 @@ def refresh_account_tab(session: Session, account: Account) -> None:
     refresh_tabs(session, organization_id=account.organization_id, exclusions=exclusions, account_ids=[account.id])
 
 
+def pending_tab_refresh(session: Session) -> dict[int, set[int]] | None:
+    """Inside :func:`tabs_refreshed_at_end`: the accounts (per organization) whose tab it will refresh.
+    A writer that sets their tab in its own ``UPDATE`` removes them (``dispatch_rows``)."""
+    return session.info.get("deferred_tab_refresh")
+
+
 @contextmanager
 def tabs_refreshed_at_end(session: Session) -> Iterator[None]:
     """Batch the tab refreshes of the block (a dispatch batch touches hundreds of accounts)."""
@@ -96,5 +102,7 @@ def tabs_refreshed_at_end(session: Session) -> Iterator[None]:
     dispatch_rows.write_pending(session)
     session.flush()
     for organization_id, ids in deferred.items():
+        if not ids:
+            continue
         exclusions = get_settings(session, organization_id).exclusions
         refresh_tabs(session, organization_id=organization_id, exclusions=exclusions, account_ids=sorted(ids))

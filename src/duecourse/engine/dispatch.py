@@ -32,7 +32,7 @@ from duecourse.campaigns.models import Campaign
 from duecourse.channels.base import OutboundMessage, Provider, ProviderError
 from duecourse.channels.registry import Providers
 from duecourse.db.base import UTCDateTime
-from duecourse.db.dialect import claim_update, dialect_name
+from duecourse.db.dialect import claim_update, dialect_name, id_in
 from duecourse.engine import dispatch_rows
 from duecourse.engine.assign import campaigns_enqueueable
 from duecourse.engine.cases import advance, log_event, refresh_account_tab, tabs_refreshed_at_end
@@ -62,6 +62,7 @@ log = logging.getLogger("duecourse.engine.dispatch")
 CONTACT_CHANNELS = ("email", "sms", "whatsapp", "voice")
 INVALID_FLAG = {"email": "email_invalid", "sms": "phone_invalid", "whatsapp": "whatsapp_invalid", "voice": "phone_invalid"}
 BREAKER_SECONDS = 60
+DEFAULT_BATCH = 500  # items per claim and transaction (``Settings.dispatch_batch`` for the worker)
 ADDRESS = {"email": "email", "sms": "phone", "whatsapp": "whatsapp", "voice": "phone"}
 WAITS_FOR_OUTCOME = ("voice", "phone_call", "escalation")
 
@@ -166,7 +167,8 @@ def _preload(session: Session, batch: _Batch, ids: list[int], *, worker: str, no
     statements for the batch instead of four per item."""
     items = session.scalars(
         select(QueueItem)
-        .where(QueueItem.id.in_(ids), QueueItem.status == QueueStatus.processing.value, QueueItem.claimed_by == worker)
+        .where(id_in(session, QueueItem.id, ids), QueueItem.status == QueueStatus.processing.value,
+               QueueItem.claimed_by == worker)
         .order_by(QueueItem.id)
         .with_for_update()
     ).all()
@@ -177,7 +179,7 @@ def _preload(session: Session, batch: _Batch, ids: list[int], *, worker: str, no
     account_ids = sorted({i.account_id for i in items})
     if account_ids:
         accounts = session.scalars(
-            select(Account).where(Account.id.in_(account_ids)).order_by(Account.id).with_for_update()
+            select(Account).where(id_in(session, Account.id, account_ids)).order_by(Account.id).with_for_update()
         ).all()
         batch.accounts = {a.id: a for a in accounts}
         if rows is not None:
@@ -188,7 +190,7 @@ def _preload(session: Session, batch: _Batch, ids: list[int], *, worker: str, no
         batch.in_flight_elsewhere = _in_flight_elsewhere(session, account_ids, worker=worker, now=now)
         invoice_ids = {a.carrying_invoice_id for a in accounts if a.carrying_invoice_id is not None}
         if invoice_ids:
-            batch.invoices = list(session.scalars(select(Invoice).where(Invoice.id.in_(invoice_ids))))
+            batch.invoices = list(session.scalars(select(Invoice).where(id_in(session, Invoice.id, sorted(invoice_ids)))))
     batch.preloaded = True
 
 
@@ -640,7 +642,7 @@ def run_due(
     *,
     now: datetime,
     worker: str,
-    batch: int = 100,
+    batch: int = DEFAULT_BATCH,
     providers: ProviderFactory = sandbox_providers,
     organization_id: int | None = None,
 ) -> dict[str, int]:

@@ -14,6 +14,7 @@ from sqlalchemy import select
 
 from duecourse.channels.registry import Providers
 from duecourse.clock import Clock
+from duecourse.config import get_settings as app_settings
 from duecourse.db import Database
 from duecourse.engine.cycle import run_scheduled
 from duecourse.engine.dispatch import ProviderFactory, run_due
@@ -63,6 +64,7 @@ def run_loop(
     each organization's configured providers (the sandbox where none is configured)."""
     stop = stop or threading.Event()
     providers = providers or Providers()
+    settings = getattr(providers, "settings", None) or app_settings()
     name = worker_name("engine")
     last_run: dict[int, datetime] = {}
     while not stop.is_set():
@@ -71,7 +73,7 @@ def run_loop(
             if scheduler:
                 scheduler_pass(db, now=clock.now(), worker=name, last_run=last_run)
             if worker:
-                counts = run_due(db, now=clock.now(), worker=name, providers=providers)
+                counts = run_due(db, now=clock.now(), worker=name, providers=providers, batch=settings.dispatch_batch)
                 if counts:
                     log.info("worker %s", counts)
                 try:  # outbound events (SPEC §7): their own pass, so a slow receiver never stops the engine
