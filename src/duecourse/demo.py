@@ -35,6 +35,7 @@ from duecourse.tenancy.principal import Principal
 DEMO_ORG = "Demo Collections"
 DEMO_EMAIL = "admin@demo.duecourse.dev"
 DEMO_PASSWORD = "duecourse-demo"
+DEMO_PAYMENT_LINK = "https://pay.example.com/demo/{account_external_id}?invoice={invoice_number}"
 
 _FIRST = ["Ana", "Luis", "Marta", "Jorge", "Lucía", "Pablo", "Elena", "Diego", "Sara", "Hugo", "Clara", "Iván"]
 _LAST = ["García", "Martínez", "López", "Sánchez", "Pérez", "Gómez", "Fernández", "Ruiz", "Díaz", "Moreno"]
@@ -56,7 +57,9 @@ def load_demo(session: Session, *, now: datetime, accounts: int = 60, seed: int 
     tenancy.update_settings(
         session,
         principal=Principal.system(org.id),
-        patch={"automation": {"auto_enqueue": True}, "sandbox": {"simulate_outcomes": True, "seed": seed}},
+        patch={"automation": {"auto_enqueue": True}, "sandbox": {"simulate_outcomes": True, "seed": seed},
+               # The demo's templates use {{ payment_link }}; without a configured link they would not be sent.
+               "messages": {"payment_link": DEMO_PAYMENT_LINK}},
         now=now,
     )
 

@@ -55,6 +55,14 @@ def test_dispatch_rules_saved_shown_and_errors(server: LiveServer, web_org: WebO
     page.get_by_test_id("save-automation").click()
     expect(page.get_by_test_id("automation.auto_enqueue")).to_be_checked()
     expect(page.get_by_test_id("automation.scheduler_interval_minutes")).to_have_value("10")
+    # Messages: the payment link; a bad one is refused beside the field.
+    page.get_by_test_id("messages.payment_link").fill("pay.example.com/{x}")
+    page.get_by_test_id("save-messages").click()
+    expect(page.locator("[data-error-for='messages.payment_link']")).to_contain_text("unknown placeholder {x}")
+    page.get_by_test_id("messages.payment_link").fill("https://pay.example.com/{account_external_id}")
+    page.get_by_test_id("save-messages").click()
+    expect(page.locator(".flash-success")).to_contain_text("Messages saved")
+    expect(page.get_by_test_id("payment-link-example")).to_contain_text("https://pay.example.com/ACC-1001")
 
 
 def test_smtp_secret_never_shown_and_viewer_is_refused(server: LiveServer, web_org: WebOrg, login_as) -> None:  # type: ignore[no-untyped-def]

@@ -18,6 +18,8 @@ from duecourse.pagination import PageParams, paginate
 from duecourse.strategies.models import Stage, Strategy
 from duecourse.tenancy.models import Organization
 from duecourse.tenancy.scope import get_owned, scoped
+from duecourse.tenancy.service import get_settings
+from duecourse.tenancy.settings import PAYMENT_LINK_SAMPLE, fill_payment_link
 from duecourse.validation import currency_places
 
 FIELDS = ("name", "channel", "tone", "language", "subject", "body_text", "body_html", "variant_of_id")
@@ -217,20 +219,47 @@ def delete_template(session: Session, *, organization_id: int, template_id: int)
     session.flush()
 
 
+PAYMENT_LINK_NOT_CONFIGURED = (
+    "uses payment_link, but the payment link is not configured; set it on the Settings page "
+    "(Rules tab, Messages section) or through PATCH /api/v1/settings as messages.payment_link"
+)
+PAYMENT_LINK_PREVIEW_WARNING = (
+    "No payment link is configured: this preview shows a stand-in link. Real messages using payment_link "
+    "will fail (template_error) until a payment link is configured on the Settings page (Rules tab, Messages section)."
+)
+
+
 def preview_links(external_id: str) -> tuple[str, str]:
-    """Stand-ins for the links the channel layer creates at dispatch (they carry per-message tokens)."""
+    """Stand-ins for previews only: the payment link when the organization has none configured, and
+    the unsubscribe link the channel layer creates at dispatch (it carries a per-message token)."""
     return (
         f"https://example.invalid/pay/{external_id}",
         f"https://example.invalid/unsubscribe/{external_id}",
     )
 
 
+def payment_link_for(
+    link: str, *, external_id: str, invoice_number: str | None, balance: str, currency: str
+) -> str:
+    """The organization's payment link (messages.payment_link) filled in for one account."""
+    return fill_payment_link(link, {
+        "account_external_id": external_id,
+        "invoice_number": invoice_number or "",
+        "balance": balance,
+        "currency": currency,
+    })
+
+
 def account_context_for(
     session: Session, *, organization_id: int, account_id: int, now: datetime, unsubscribe_link: str | None = None,
-    account: Account | None = None, org: Organization | None = None,
+    account: Account | None = None, org: Organization | None = None, preview: bool = False,
 ) -> dict[str, Any]:
     """The template variables for one account. The engine passes the account and organization it
-    already holds; they must be the ones named by the ids."""
+    already holds; they must be the ones named by the ids.
+
+    ``payment_link`` is the organization's payment link filled in for the account. Without one, a
+    template that uses it fails to render (:data:`PAYMENT_LINK_NOT_CONFIGURED`), so no message goes
+    out with a made-up link; previews (``preview=True``) show a stand-in instead."""
     if account is None or account.id != account_id or account.organization_id != organization_id:
         account = session.scalar(scoped(Account, organization_id).where(Account.id == account_id))
     if account is None:
@@ -244,19 +273,40 @@ def account_context_for(
         if invoice is not None and invoice.organization_id != organization_id:
             invoice = None
     today = now.astimezone(ZoneInfo(account.timezone or org.timezone)).date()
-    pay, unsubscribe = preview_links(account.external_id)
+    places = currency_places(account.currency)
+    stand_in_pay, stand_in_unsubscribe = preview_links(account.external_id)
+    link = get_settings(session, organization_id).messages.payment_link  # read once per session
+    pay: Any
+    if link is not None:
+        pay = payment_link_for(
+            link, external_id=account.external_id, invoice_number=invoice.number if invoice else None,
+            balance=rendering.amount_text(account.balance, places), currency=account.currency,
+        )
+    elif preview:
+        pay = stand_in_pay
+    else:
+        pay = rendering.unavailable("payment_link", PAYMENT_LINK_NOT_CONFIGURED)
     return rendering.account_context(
         debtor_name=account.name,
         balance=account.balance,
         currency=account.currency,
-        currency_places=currency_places(account.currency),
+        currency_places=places,
         invoice_number=invoice.number if invoice else None,
         invoice_amount=invoice.total if invoice else None,
         invoice_due_date=invoice.due_date if invoice else None,
         today=today,
         payment_link=pay,
-        unsubscribe_link=unsubscribe_link or unsubscribe,
+        unsubscribe_link=unsubscribe_link or stand_in_unsubscribe,
         organization_name=org.name,
+    )
+
+
+def uses_variable(template: Template, name: str) -> bool:
+    """Whether any of the template's texts refers to the variable ``name``."""
+    return any(
+        name in rendering.variables_used(source, html)
+        for source, html in ((template.subject, False), (template.body_text, False), (template.body_html, True))
+        if source
     )
 
 
@@ -265,11 +315,15 @@ def preview(
 ) -> dict[str, Any]:
     """Render the template for an account of the organization, or for sample values (SPEC §7)."""
     template = get_template(session, organization_id=organization_id, template_id=template_id)
+    link = get_settings(session, organization_id).messages.payment_link
     if account_id is None:
         org = session.get(Organization, organization_id)
         context = {**rendering.SAMPLE_CONTEXT, "organization_name": org.name if org else ""}
+        if link is not None:
+            context["payment_link"] = fill_payment_link(link, PAYMENT_LINK_SAMPLE)
     else:
-        context = account_context_for(session, organization_id=organization_id, account_id=account_id, now=now)
+        context = account_context_for(session, organization_id=organization_id, account_id=account_id, now=now,
+                                      preview=True)
     try:
         subject = rendering.render(template.subject, context, field="subject") if template.subject else None
         text = rendering.render(template.body_text, context, field="body_text")
@@ -289,6 +343,8 @@ def preview(
         "sms": None,
         "warnings": [],
     }
+    if link is None and uses_variable(template, "payment_link"):
+        out["warnings"].append(PAYMENT_LINK_PREVIEW_WARNING)
     if template.channel == Channel.sms:
         size = rendering.sms_size(text)
         out["sms"] = size.__dict__

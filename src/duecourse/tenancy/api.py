@@ -120,6 +120,9 @@ def delete_user(user_id: int, session: DbSession, principal: Principal = Admin) 
     ).all()
     if user.role == "admin" and len(admins) <= 1:
         raise ValidationFailed("The last admin cannot be deleted", [FieldError("user_id", "last admin")])
+    from duecourse.engine.references import forget
+
+    forget(session, column="user_id", value=user.id)
     session.delete(user)
     return Response(status_code=204)
 
@@ -147,7 +150,7 @@ def revoke_api_key(key_id: int, session: DbSession, clock: AppClock, principal: 
     return service.revoke_api_key(session, organization_id=principal.organization_id, key_id=key_id, now=clock.now())
 
 
-@router.get("/settings", response_model=OrgSettings, summary="Automation, dispatch-rule and exclusion settings")
+@router.get("/settings", response_model=OrgSettings, summary="Organization settings: automation, dispatch rules, outcomes, exclusions, messages, sandbox")
 def get_settings(principal: Reader, session: DbSession) -> Any:
     return service.get_settings(session, principal.organization_id)
 

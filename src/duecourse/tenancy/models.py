@@ -62,7 +62,7 @@ class ApiKey(Base):
 
 
 class OrganizationSettings(Base):
-    """Automation, dispatch-rule and exclusion settings of one organization (a validated JSON document)."""
+    """The settings of one organization (automation, dispatch rules, outcomes, exclusions, messages, …): a validated JSON document."""
 
     __tablename__ = "organization_settings"
 

@@ -1,4 +1,4 @@
-"""Per-organization settings (SPEC §4.7, §4.8, §4.10, §6) with their defaults.
+"""Per-organization settings (SPEC §4.7, §4.8, §4.10, §6, §7) with their defaults.
 
 Stored as one validated JSON document per organization; every change is audited field by field.
 """
@@ -6,10 +6,13 @@ Stored as one validated JSON document per organization; every change is audited 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from decimal import Decimal
 from typing import Annotated, Literal
+from urllib.parse import quote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 ALL_DAYS: list[Weekday] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
@@ -124,12 +127,92 @@ class SandboxSettings(_Strict):
     )
 
 
+# --- messages: the payment link (SPEC §7) ------------------------------------------------------------
+
+#: The placeholders a payment link may contain, with what each becomes (URL-encoded) for an account.
+PAYMENT_LINK_PLACEHOLDERS: dict[str, str] = {
+    "account_external_id": "the account's external id (your reference for the debtor)",
+    "invoice_number": "the number of the account's carrying invoice (empty when it has none)",
+    "balance": "the outstanding balance, e.g. 1250.00",
+    "currency": "the account's currency code, e.g. EUR",
+}
+#: Values that stand in for an account when a payment link is checked or previewed with sample values.
+PAYMENT_LINK_SAMPLE: dict[str, str] = {
+    "account_external_id": "ACC-1001",
+    "invoice_number": "INV-1001",
+    "balance": "1250.00",
+    "currency": "EUR",
+}
+PAYMENT_LINK_MAX = 2000
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+_PLACEHOLDER_LIST = ", ".join("{%s}" % k for k in PAYMENT_LINK_PLACEHOLDERS)
+
+
+def payment_link_problem(link: str) -> str | None:
+    """Why ``link`` cannot be an organization's payment link, or None when it can."""
+    if len(link) > PAYMENT_LINK_MAX:
+        return f"must be at most {PAYMENT_LINK_MAX} characters"
+    if any(c.isspace() or not c.isprintable() for c in link):
+        return "must not contain spaces or control characters (write a space as %20)"
+    for m in _PLACEHOLDER.finditer(link):
+        if not m.group(1):
+            return f"has an empty placeholder {{}}; the placeholders are {_PLACEHOLDER_LIST}"
+        if m.group(1) not in PAYMENT_LINK_PLACEHOLDERS:
+            return f"unknown placeholder {m.group(0)}; the placeholders are {_PLACEHOLDER_LIST}"
+    rest = _PLACEHOLDER.sub("", link)
+    if "{" in rest or "}" in rest:
+        return f"has an unmatched {{ or }}; write a placeholder as {{name}}, one of {_PLACEHOLDER_LIST}"
+    try:
+        parts = urlsplit(link)
+        if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
+            return "must be an absolute http:// or https:// URL, e.g. https://pay.example.com/{account_external_id}"
+        if "{" in parts.netloc:
+            return "placeholders may be used in the path, query or fragment, not in the host"
+        filled = urlsplit(fill_payment_link(link, PAYMENT_LINK_SAMPLE))
+        if not filled.hostname:
+            return "must be an absolute http:// or https:// URL with a host, e.g. https://pay.example.com/"
+        filled.port  # noqa: B018 - raises on a port that is not a number from 0 to 65535
+    except ValueError as exc:
+        return f"is not a valid URL: {exc}"
+    return None
+
+
+def fill_payment_link(link: str, values: Mapping[str, str]) -> str:
+    """The link with each placeholder replaced by its value, URL-encoded (``/``, ``?``, ``&``, ``#``,
+    spaces and non-ASCII characters included), so a value can never change the link's shape."""
+    return _PLACEHOLDER.sub(lambda m: quote(str(values.get(m.group(1)) or ""), safe=""), link)
+
+
+class MessageSettings(_Strict):
+    payment_link: str | None = Field(
+        default=None,
+        description="Where debtors pay: the URL that the template variable payment_link becomes, an absolute "
+        "http(s) URL with optional placeholders, each filled in URL-encoded for the account: "
+        + ", ".join("{%s} (%s)" % kv for kv in PAYMENT_LINK_PLACEHOLDERS.items())
+        + ". Example: https://pay.example.com/{account_external_id}?invoice={invoice_number}. "
+        "Unset (null): messages whose template uses payment_link fail with reason template_error.",
+        examples=["https://pay.example.com/{account_external_id}?invoice={invoice_number}"],
+    )
+
+    @field_validator("payment_link")
+    @classmethod
+    def _payment_link(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None  # empty: not configured
+        v = v.strip()
+        problem = payment_link_problem(v)
+        if problem:
+            raise PydanticCustomError("payment_link", problem)
+        return v
+
+
 class OrgSettings(_Strict):
     automation: AutomationSettings = Field(default_factory=AutomationSettings)
     dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
     outcomes: OutcomeSettings = Field(default_factory=OutcomeSettings)
     exclusions: ExclusionSettings = Field(default_factory=ExclusionSettings)
     sandbox: SandboxSettings = Field(default_factory=SandboxSettings)
+    messages: MessageSettings = Field(default_factory=MessageSettings)
     exchange_rates: dict[str, Decimal] = Field(
         default_factory=dict,
         description="Rate to the organization's base currency per currency code, for amount-threshold triggers.",

@@ -1,6 +1,6 @@
 """The Settings page (SPEC §4.7, §4.10, §7, §1): tabs for the organization's rules (automation,
-dispatch rules, exclusions, outcomes), channels and their credentials, users, API keys and outbound
-webhook subscriptions. Everyone may look; only administrators change anything (the server refuses
+dispatch rules, exclusions, outcomes, messages), channels and their credentials, users, API keys and
+outbound webhook subscriptions. Everyone may look; only administrators change anything (the server refuses
 403). Every rule lives in the services: tenancy.service, channels.config and events.service."""
 
 from __future__ import annotations
@@ -24,7 +24,14 @@ from duecourse.tenancy import service as tenancy
 from duecourse.tenancy.models import Role
 from duecourse.tenancy.principal import Permission
 from duecourse.tenancy.schemas import ApiKeyIn, UserIn
-from duecourse.tenancy.settings import FREQUENCY_KEYS, HOURS_KEYS, ALL_DAYS
+from duecourse.tenancy.settings import (
+    ALL_DAYS,
+    FREQUENCY_KEYS,
+    HOURS_KEYS,
+    PAYMENT_LINK_PLACEHOLDERS,
+    PAYMENT_LINK_SAMPLE,
+    fill_payment_link,
+)
 from duecourse.web.core import CsrfForm, PageRoute, Web, WebPage, field_errors, page_requires, pydantic_errors
 
 router = APIRouter(route_class=PageRoute)
@@ -59,7 +66,7 @@ def _errors(exc: ValidationFailed | Conflict) -> dict[str, str]:
     return {k: _clean_message(v) for k, v in field_errors(exc).items()}
 
 
-# --- rules: automation, dispatch, exclusions, outcomes ----------------------------------------------
+# --- rules: automation, dispatch, exclusions, outcomes, messages ------------------------------------
 
 
 def _flat(value: Any, prefix: str, out: dict[str, Any]) -> dict[str, Any]:
@@ -79,6 +86,10 @@ def _render_general(web: Web, typed: dict[str, Any] | None = None, errors: dict[
     return _render(
         web, "settings/general.html", "general", status_code=status_code, v=values, errors=errors or {},
         section=section, frequency_keys=FREQUENCY_KEYS, hours_keys=HOURS_KEYS, days=ALL_DAYS,
+        payment_link_example=fill_payment_link(current.messages.payment_link, PAYMENT_LINK_SAMPLE)
+        if current.messages.payment_link else None,
+        payment_link_placeholders=[(k, meaning, PAYMENT_LINK_SAMPLE[k])
+                                   for k, meaning in PAYMENT_LINK_PLACEHOLDERS.items()],
     )
 
 
@@ -132,11 +143,14 @@ def _section_patch(section: str, form: FormData) -> tuple[dict[str, Any], dict[s
         typed = _flat(o, "outcomes", {})
         _flat(s, "sandbox", typed)
         return {"outcomes": o, "sandbox": s}, typed
+    if section == "messages":
+        msg = {"payment_link": _optional(form, "messages.payment_link")}  # empty: not configured
+        return {"messages": msg}, _flat(msg, "messages", {})
     raise ValidationFailed.on("section", "unknown settings section")
 
 
 SECTION_TITLES = {"automation": "Automation", "dispatch": "Dispatch rules", "exclusions": "Exclusions",
-                  "outcomes": "Outcomes and simulation"}
+                  "outcomes": "Outcomes and simulation", "messages": "Messages"}
 
 
 @router.post("/settings/rules/{section}")

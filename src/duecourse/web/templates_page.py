@@ -18,8 +18,10 @@ from duecourse.messaging.models import Channel, Template
 from duecourse.messaging.schemas import TemplateIn
 from duecourse.pagination import PageParams
 from duecourse.strategies.models import Tone
+from duecourse.tenancy import service as tenancy
 from duecourse.tenancy.principal import Permission
 from duecourse.tenancy.scope import scoped
+from duecourse.tenancy.settings import PAYMENT_LINK_SAMPLE, fill_payment_link
 from duecourse.web.core import CsrfForm, PageRoute, Web, WebPage, field_errors, page_requires, pydantic_errors, query_url
 
 router = APIRouter(route_class=PageRoute)
@@ -34,7 +36,7 @@ VARIABLE_HELP = {
     "carrying_invoice_amount": "Total of that invoice",
     "carrying_invoice_due_date": "Its due date (YYYY-MM-DD)",
     "days_overdue": "Days since that due date",
-    "payment_link": "Link to pay online",
+    "payment_link": "The payment link of Settings → Rules → Messages, filled in for the account",
     "unsubscribe_link": "One-click unsubscribe link",
     "organization_name": "Your organization's name",
 }
@@ -119,6 +121,10 @@ def _base_choices(web: Web, exclude_id: int | None) -> list[Template]:
 def _render_form(web: Web, template: Template | None, values: dict[str, str], errors: dict[str, str],
                  status_code: int = 200, preview: dict[str, Any] | None = None, preview_error: str | None = None,
                  preview_account: str = "") -> Response:
+    samples = dict(rendering.SAMPLE_CONTEXT)
+    link = tenancy.get_settings(web.session, web.principal.organization_id).messages.payment_link
+    samples["payment_link"] = (fill_payment_link(link, PAYMENT_LINK_SAMPLE) if link
+                               else "Not configured yet: messages using it are not sent")
     ctx: dict[str, Any] = {
         "tpl": template,
         "values": values,
@@ -126,7 +132,7 @@ def _render_form(web: Web, template: Template | None, values: dict[str, str], er
         "channel_options": [("email", "Email"), ("sms", "SMS"), ("whatsapp", "WhatsApp"), ("voice", "Voice (call script)")],
         "tone_options": [(t.value, t.value.capitalize()) for t in Tone],
         "bases": _base_choices(web, template.id if template else None),
-        "variables": [(v, VARIABLE_HELP.get(v, ""), rendering.SAMPLE_CONTEXT.get(v, "")) for v in rendering.VARIABLES],
+        "variables": [(v, VARIABLE_HELP.get(v, ""), samples.get(v, "")) for v in rendering.VARIABLES],
         "editable": web.can(Permission.manage_templates),
         "preview": preview,
         "preview_error": preview_error,
