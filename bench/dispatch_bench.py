@@ -45,6 +45,7 @@ sys.path.insert(0, str(HERE))
 import engine_common as ec
 
 SETTINGS_PATCH = {
+    "messages": {"payment_link": "https://pay.example.com/{account_external_id}?invoice={invoice_number}"},
     "dispatch": {
         "frequency_limits": {"overall": {"per_day": 1_000_000, "per_week": None}},
         "allowed_hours": {"email": {"start": "00:00", "end": "24:00", "days": ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]}},
@@ -58,9 +59,12 @@ PROCRASTINATE_DB = "duecourse_procrastinate_bench"
 def child_ours(url: str, worker: str, batch: int, profile: bool) -> None:
     from duecourse.db import Database
     from duecourse.engine.dispatch import run_due
+    from duecourse.engine.runner import freeze_startup_heap
 
     db = Database(url)
     prof = ec.StatementProfile(db.engine) if profile else None
+    if os.environ.get("BENCH_NO_FREEZE") != "1":
+        freeze_startup_heap()  # as `duecourse worker` does
     start = time.time()
     cpu0 = time.process_time()
     counts = run_due(db, now=ec.NOW, worker=worker, batch=batch)

@@ -571,11 +571,32 @@ def test_delete_only_inactive_without_open_cases_and_the_audit_log_survives(org,
             a.status = AccountStatus.resolved
     c = org.post(f"{API}/campaigns", json={"name": "Spring", "strategy_id": sid})
     assert c.status_code == 201
+    agent = org.post(f"{API}/users", json={"email": "caller@example.com", "password": "longenough", "role": "agent"})
+    assert agent.status_code == 201
+    # An interaction names the strategy, the campaign and the agent without foreign keys: deleting
+    # each of them clears its reference, as ON DELETE SET NULL would.
+    with db.transaction() as session:
+        account_id = session.scalars(select(Account.id).where(Account.strategy_id == sid)).first()
+        session.add(Interaction(organization_id=org.id, account_id=account_id, strategy_id=sid,
+                                campaign_id=c.json()["id"], user_id=agent.json()["id"], channel="phone_call",
+                                direction="outbound", status="completed", is_manual=True,
+                                occurred_at=clock.now(), created_at=clock.now()))
+
+    def refs() -> tuple[int | None, int | None, int | None]:
+        with db.transaction() as session:
+            i = session.scalars(select(Interaction)).one()
+            return i.strategy_id, i.campaign_id, i.user_id
+
     r = org.delete(f"{API}/strategies/{sid}")
     assert r.status_code == 409 and "'Spring'" in r.json()["error"]["message"]
+    assert refs() == (sid, c.json()["id"], agent.json()["id"])
     assert org.delete(f"{API}/campaigns/{c.json()['id']}").status_code == 204
+    assert refs() == (sid, None, agent.json()["id"])
+    assert org.delete(f"{API}/users/{agent.json()['id']}").status_code == 204
+    assert refs() == (sid, None, None)
 
     assert org.delete(f"{API}/strategies/{sid}").status_code == 204
+    assert refs() == (None, None, None)
     assert org.get(f"{API}/strategies/{sid}").status_code == 404
     assert org.delete(f"{API}/strategies/{sid}").status_code == 404
     log = _audit(org, sid)

@@ -95,6 +95,9 @@ def serve(
 
         start_background(web.state.db, web.state.clock, providers=Providers(settings))
     console.print(f"duecourse is running at [bold]http://{host}:{port}/[/bold]  (API docs: http://{host}:{port}/api/docs)")
+    from duecourse.engine.runner import freeze_startup_heap
+
+    freeze_startup_heap()
     uvicorn.run(web, host=host, port=port, log_level="info")
 
 
@@ -197,20 +200,22 @@ def tick(
 @app.command()
 def worker(poll: float = typer.Option(2.0, help="Seconds between passes")) -> None:
     """Run a queue worker: claim and dispatch due items, forever (any number of them may run)."""
-    from duecourse.engine.runner import run_loop
+    from duecourse.engine.runner import freeze_startup_heap, run_loop
 
     settings = get_settings()
     console.print("worker started")
+    freeze_startup_heap()
     run_loop(Database(settings.database_url), SystemClock(), scheduler=False, worker=True, poll_seconds=poll)
 
 
 @app.command()
 def scheduler(poll: float = typer.Option(30.0, help="Seconds between passes")) -> None:
     """Run the scheduler: each organization's cycle every N minutes (any number of them may run)."""
-    from duecourse.engine.runner import run_loop
+    from duecourse.engine.runner import freeze_startup_heap, run_loop
 
     settings = get_settings()
     console.print("scheduler started")
+    freeze_startup_heap()
     run_loop(Database(settings.database_url), SystemClock(), scheduler=True, worker=False, poll_seconds=poll)
 
 

@@ -302,6 +302,9 @@ def delete_campaign(session: Session, *, principal: Principal, campaign_id: int,
         old=campaign.status,
         description=f"Campaign {campaign.name!r} deleted",
     )
+    from duecourse.engine.references import forget
+
+    forget(session, column="campaign_id", value=campaign.id)
     session.delete(campaign)
     session.flush()
     session.expire_all()

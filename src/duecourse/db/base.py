@@ -43,7 +43,7 @@ def money_to_units(value: Decimal | int | str) -> int:
 
 
 def units_to_money(units: int) -> Decimal:
-    return (Decimal(int(units)) / MONEY_SCALE).quantize(Decimal(1).scaleb(-MONEY_PLACES))
+    return Decimal(int(units)).scaleb(-MONEY_PLACES)  # exact: the units shifted MONEY_PLACES places
 
 
 class Money(TypeDecorator[Decimal]):

@@ -159,6 +159,8 @@ class _Batch:
     contacts: dict[int, list[tuple[datetime, str]]] = field(default_factory=dict)
     invoices: list[Any] = field(default_factory=list)
     campaign_open: dict[int, bool] = field(default_factory=dict)
+    # (organization, channel, time zone) -> whether the batch's "now" is inside the allowed hours.
+    allowed_now: dict[tuple[int, str, str], bool] = field(default_factory=dict)
 
 
 def _preload(session: Session, batch: _Batch, ids: list[int], *, worker: str, now: datetime) -> None:
@@ -452,7 +454,11 @@ def _dispatch_rules(ctx: _Ctx) -> str | None:
     if earliest > ctx.now and not ctx.item.is_callback:
         retry_at = into_allowed_hours(earliest, tz=tz, start=hours.start, end=hours.end, days=hours.days)
         return _skip(ctx, "frequency_limit", advance_case=False, retry_at=retry_at)
-    if not is_allowed(ctx.now, tz=tz, start=hours.start, end=hours.end, days=hours.days):
+    key = (ctx.org.id, channel, tz)
+    known = ctx.batch.allowed_now if ctx.batch is not None else {}
+    if key not in known:
+        known[key] = is_allowed(ctx.now, tz=tz, start=hours.start, end=hours.end, days=hours.days)
+    if not known[key]:
         retry_at = into_allowed_hours(ctx.now, tz=tz, start=hours.start, end=hours.end, days=hours.days)
         return _skip(ctx, "outside_hours", advance_case=False, retry_at=retry_at)
     return None

@@ -25,7 +25,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
-from enum import Enum
 from functools import lru_cache
 from typing import Any
 
@@ -141,7 +140,9 @@ def log_row(
 
 
 def _plain(value: Any) -> Any:
-    return value.value if isinstance(value, Enum) else value
+    """Numbers, booleans and text as they are. Enumerations too: ours are all ``StrEnum``, which
+    the JSON encoder writes as their string values (a plain ``Enum`` would fail loudly there)."""
+    return value
 
 
 @lru_cache(maxsize=256)  # a batch writes the same few instants (its "now") thousands of times
@@ -169,7 +170,7 @@ def _money(value: Any) -> int | None:
 
 def _record_type(column: Any) -> tuple[str, str, Callable[[Any], Any]]:
     """(type in the record definition, the SQL of the value with ``{}`` for the record's field, the
-    Python conversion)."""
+    Python conversion; ``_plain`` is none at all)."""
     from duecourse.db.base import Money, UTCDateTime
 
     if isinstance(column.type, UTCDateTime):
@@ -209,9 +210,14 @@ def insert_json(session: Session, table: Table, rows: list[dict[str, Any]]) -> N
             [f for _, _, f in specs],
         )
     sql, convert = _SQL[key]
-    pairs = list(zip(names, convert, strict=True))
-    doc = json.dumps([{n: f(r[n]) for n, f in pairs} for r in rows], separators=(",", ":"))
-    session.connection().exec_driver_sql(sql, (doc,))
+    converted = [(n, f) for n, f in zip(names, convert, strict=True) if f is not _plain]
+    out = []
+    for r in rows:
+        row = dict(r)
+        for n, f in converted:
+            row[n] = f(row[n])
+        out.append(row)
+    session.connection().exec_driver_sql(sql, (json.dumps(out, separators=(",", ":")),))
 
 
 def _changes(state: InstanceState[Any]) -> dict[str, Any] | None:
@@ -296,6 +302,12 @@ def _update_json(
 
         exclusions = get_settings(session, tab_org).exclusions
         values["collection_tab"] = tab_expr(exclusions, status=v.c.status if "status" in names else None)
-    pairs = [(n, f) for n, (_, _, f) in zip(names, specs, strict=True)]
-    doc = json.dumps([{"id": r["id"], **{n: f(r[n]) for n, f in pairs}} for r in rows], separators=(",", ":"))
+    converted = [(n, f) for n, (_, _, f) in zip(names, specs, strict=True) if f is not _plain]
+    out = []
+    for r in rows:  # {"id": …, <names>: …}
+        row = dict(r)
+        for n, f in converted:
+            row[n] = f(row[n])
+        out.append(row)
+    doc = json.dumps(out, separators=(",", ":"))
     session.connection().execute(update(table).values(values).where(table.c.id == v.c.id), {"_doc": doc})

@@ -160,9 +160,14 @@ class Interaction(Base):
     id: Mapped[int] = pk()
     organization_id: Mapped[int] = tenant_of_account()
     account_id: Mapped[int] = mapped_column(BigId, ForeignKey("accounts.id", ondelete="CASCADE"), nullable=False)
-    queue_item_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("queue_items.id", ondelete="SET NULL"))
-    strategy_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("strategies.id", ondelete="SET NULL"))
-    campaign_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("campaigns.id", ondelete="SET NULL"))
+    # Where the interaction came from. No foreign keys: every dispatched message writes a row here,
+    # and on PostgreSQL each key costs the row a trigger call and a share lock on the row it names
+    # (the same strategy row for every worker). The services that delete a strategy, a campaign or
+    # a user clear these references themselves (``engine.references``); queue items go
+    # only with their account, whose interactions go too.
+    queue_item_id: Mapped[int | None] = mapped_column(BigId)
+    strategy_id: Mapped[int | None] = mapped_column(BigId)
+    campaign_id: Mapped[int | None] = mapped_column(BigId)
     stage_index: Mapped[int | None] = mapped_column(SmallInteger)
     channel: Mapped[ActionType] = mapped_column(str_enum(ActionType, "action_type"), nullable=False)
     direction: Mapped[Direction] = mapped_column(str_enum(Direction, "direction"), nullable=False)
@@ -177,7 +182,7 @@ class Interaction(Base):
     summary: Mapped[str | None] = mapped_column(Text)
     transcript: Mapped[str | None] = mapped_column(Text)
     is_manual: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
-    user_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("users.id", ondelete="SET NULL"))
+    user_id: Mapped[int | None] = mapped_column(BigId)  # no foreign key: see queue_item_id
     occurred_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
     created_at: Mapped[datetime] = utc_timestamp()
 

@@ -91,10 +91,32 @@ class Account(Base):
     __tablename__ = "accounts"
     __table_args__ = (
         UniqueConstraint("organization_id", "external_id", name="uq_accounts_org_external_id"),
-        Index("ix_accounts_org_tab_id", "organization_id", "collection_tab", "id"),
+        # Partial indexes (both databases): every query through them names a tab, a strategy or a
+        # campaign (``=``, ``IN``, or ``IS NOT NULL``), and the accounts without one -- all of a
+        # freshly imported portfolio -- then cost no index entries on insert or on the refresh
+        # that follows an invoice import.
+        Index(
+            "ix_accounts_org_tab_id",
+            "organization_id",
+            "collection_tab",
+            "id",
+            postgresql_where=text("collection_tab IS NOT NULL"),
+            sqlite_where=text("collection_tab IS NOT NULL"),
+        ),
         Index("ix_accounts_org_status_id", "organization_id", "status", "id"),
-        Index("ix_accounts_strategy_stage", "strategy_id", "case_next_stage"),
-        Index("ix_accounts_campaign_id", "campaign_id"),
+        Index(
+            "ix_accounts_strategy_stage",
+            "strategy_id",
+            "case_next_stage",
+            postgresql_where=text("strategy_id IS NOT NULL"),
+            sqlite_where=text("strategy_id IS NOT NULL"),
+        ),
+        Index(
+            "ix_accounts_campaign_id",
+            "campaign_id",
+            postgresql_where=text("campaign_id IS NOT NULL"),
+            sqlite_where=text("campaign_id IS NOT NULL"),
+        ),
         CheckConstraint("score IS NULL OR (score >= 0 AND score <= 100)", name="score_range"),
     )
 

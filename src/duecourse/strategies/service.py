@@ -585,6 +585,9 @@ def delete_strategy(session: Session, *, principal: Principal, strategy_id: int,
             _jsonable(_top_values(strategy)), [_jsonable(s) for s in _stage_values(strategy)], False
         ),
     )
+    from duecourse.engine.references import forget
+
+    forget(session, column="strategy_id", value=strategy.id)
     session.delete(strategy)
     session.flush()
 

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-23 00:16:43.466481
+Create Date: 2026-11-23 01:58:25.883338
 """
 
 from __future__ import annotations
@@ -340,10 +340,10 @@ def upgrade() -> None:
     sa.UniqueConstraint('organization_id', 'external_id', name='uq_accounts_org_external_id')
     )
     with op.batch_alter_table('accounts', schema=None) as batch_op:
-        batch_op.create_index('ix_accounts_campaign_id', ['campaign_id'], unique=False)
+        batch_op.create_index('ix_accounts_campaign_id', ['campaign_id'], unique=False, postgresql_where=sa.text('campaign_id IS NOT NULL'), sqlite_where=sa.text('campaign_id IS NOT NULL'))
         batch_op.create_index('ix_accounts_org_status_id', ['organization_id', 'status', 'id'], unique=False)
-        batch_op.create_index('ix_accounts_org_tab_id', ['organization_id', 'collection_tab', 'id'], unique=False)
-        batch_op.create_index('ix_accounts_strategy_stage', ['strategy_id', 'case_next_stage'], unique=False)
+        batch_op.create_index('ix_accounts_org_tab_id', ['organization_id', 'collection_tab', 'id'], unique=False, postgresql_where=sa.text('collection_tab IS NOT NULL'), sqlite_where=sa.text('collection_tab IS NOT NULL'))
+        batch_op.create_index('ix_accounts_strategy_stage', ['strategy_id', 'case_next_stage'], unique=False, postgresql_where=sa.text('strategy_id IS NOT NULL'), sqlite_where=sa.text('strategy_id IS NOT NULL'))
 
     op.create_table('account_tags',
     sa.Column('account_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
@@ -354,6 +354,39 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('account_tags', schema=None) as batch_op:
         batch_op.create_index('ix_account_tags_org_tag', ['organization_id', 'tag', 'account_id'], unique=False)
+
+    op.create_table('interactions',
+    sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=True, nullable=False),
+    sa.Column('organization_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('account_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('queue_item_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=True),
+    sa.Column('strategy_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=True),
+    sa.Column('campaign_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=True),
+    sa.Column('stage_index', sa.SmallInteger(), nullable=True),
+    sa.Column('channel', sa.Enum('email', 'sms', 'whatsapp', 'voice', 'phone_call', 'escalation', 'place_on_stop', name='action_type', native_enum=False, create_constraint=True), nullable=False),
+    sa.Column('direction', sa.Enum('outbound', 'inbound', name='direction', native_enum=False, create_constraint=True), nullable=False),
+    sa.Column('status', sa.Enum('queued', 'sent', 'delivered', 'failed', 'bounced', 'answered', 'completed', 'received', name='interaction_status', native_enum=False, create_constraint=True), nullable=False),
+    sa.Column('provider_ref', sa.String(length=255), nullable=True),
+    sa.Column('outcome', sa.Enum('promise_to_pay', 'callback_requested', 'refused', 'dispute', 'wrong_party', 'paid_claimed', 'no_answer', 'dropped', name='outcome', native_enum=False, create_constraint=True), nullable=True),
+    sa.Column('promise_amount', sa.BigInteger(), nullable=True),
+    sa.Column('promise_date', sa.Date(), nullable=True),
+    sa.Column('callback_at', sa.DateTime(), nullable=True),
+    sa.Column('sentiment', sa.Enum('positive', 'neutral', 'negative', 'hostile', 'crisis', name='sentiment', native_enum=False, create_constraint=True), nullable=True),
+    sa.Column('willingness', sa.SmallInteger(), nullable=True),
+    sa.Column('summary', sa.Text(), nullable=True),
+    sa.Column('transcript', sa.Text(), nullable=True),
+    sa.Column('is_manual', sa.Boolean(), nullable=False),
+    sa.Column('user_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=True),
+    sa.Column('occurred_at', sa.DateTime(), nullable=False),
+    sa.Column('created_at', sa.DateTime(), nullable=False),
+    sa.ForeignKeyConstraint(['account_id'], ['accounts.id'], name=op.f('fk_interactions_account_id_accounts'), ondelete='CASCADE'),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_interactions'))
+    )
+    with op.batch_alter_table('interactions', schema=None) as batch_op:
+        batch_op.create_index('ix_interactions_account', ['account_id', 'occurred_at'], unique=False)
+        batch_op.create_index('ix_interactions_campaign', ['campaign_id', 'occurred_at'], unique=False)
+        batch_op.create_index('ix_interactions_org_time', ['organization_id', 'occurred_at'], unique=False)
+        batch_op.create_index('ix_interactions_provider_ref', ['provider_ref'], unique=False)
 
     op.create_table('invoices',
     sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=True, nullable=False),
@@ -441,43 +474,6 @@ def upgrade() -> None:
     with op.batch_alter_table('sandbox_outbox', schema=None) as batch_op:
         batch_op.create_index('ix_sandbox_outbox_org', ['organization_id', 'id'], unique=False)
 
-    op.create_table('interactions',
-    sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=True, nullable=False),
-    sa.Column('organization_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
-    sa.Column('account_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
-    sa.Column('queue_item_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=True),
-    sa.Column('strategy_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=True),
-    sa.Column('campaign_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=True),
-    sa.Column('stage_index', sa.SmallInteger(), nullable=True),
-    sa.Column('channel', sa.Enum('email', 'sms', 'whatsapp', 'voice', 'phone_call', 'escalation', 'place_on_stop', name='action_type', native_enum=False, create_constraint=True), nullable=False),
-    sa.Column('direction', sa.Enum('outbound', 'inbound', name='direction', native_enum=False, create_constraint=True), nullable=False),
-    sa.Column('status', sa.Enum('queued', 'sent', 'delivered', 'failed', 'bounced', 'answered', 'completed', 'received', name='interaction_status', native_enum=False, create_constraint=True), nullable=False),
-    sa.Column('provider_ref', sa.String(length=255), nullable=True),
-    sa.Column('outcome', sa.Enum('promise_to_pay', 'callback_requested', 'refused', 'dispute', 'wrong_party', 'paid_claimed', 'no_answer', 'dropped', name='outcome', native_enum=False, create_constraint=True), nullable=True),
-    sa.Column('promise_amount', sa.BigInteger(), nullable=True),
-    sa.Column('promise_date', sa.Date(), nullable=True),
-    sa.Column('callback_at', sa.DateTime(), nullable=True),
-    sa.Column('sentiment', sa.Enum('positive', 'neutral', 'negative', 'hostile', 'crisis', name='sentiment', native_enum=False, create_constraint=True), nullable=True),
-    sa.Column('willingness', sa.SmallInteger(), nullable=True),
-    sa.Column('summary', sa.Text(), nullable=True),
-    sa.Column('transcript', sa.Text(), nullable=True),
-    sa.Column('is_manual', sa.Boolean(), nullable=False),
-    sa.Column('user_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=True),
-    sa.Column('occurred_at', sa.DateTime(), nullable=False),
-    sa.Column('created_at', sa.DateTime(), nullable=False),
-    sa.ForeignKeyConstraint(['account_id'], ['accounts.id'], name=op.f('fk_interactions_account_id_accounts'), ondelete='CASCADE'),
-    sa.ForeignKeyConstraint(['campaign_id'], ['campaigns.id'], name=op.f('fk_interactions_campaign_id_campaigns'), ondelete='SET NULL'),
-    sa.ForeignKeyConstraint(['queue_item_id'], ['queue_items.id'], name=op.f('fk_interactions_queue_item_id_queue_items'), ondelete='SET NULL'),
-    sa.ForeignKeyConstraint(['strategy_id'], ['strategies.id'], name=op.f('fk_interactions_strategy_id_strategies'), ondelete='SET NULL'),
-    sa.ForeignKeyConstraint(['user_id'], ['users.id'], name=op.f('fk_interactions_user_id_users'), ondelete='SET NULL'),
-    sa.PrimaryKeyConstraint('id', name=op.f('pk_interactions'))
-    )
-    with op.batch_alter_table('interactions', schema=None) as batch_op:
-        batch_op.create_index('ix_interactions_account', ['account_id', 'occurred_at'], unique=False)
-        batch_op.create_index('ix_interactions_campaign', ['campaign_id', 'occurred_at'], unique=False)
-        batch_op.create_index('ix_interactions_org_time', ['organization_id', 'occurred_at'], unique=False)
-        batch_op.create_index('ix_interactions_provider_ref', ['provider_ref'], unique=False)
-
     op.create_table('payments',
     sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=True, nullable=False),
     sa.Column('organization_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
@@ -499,6 +495,31 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('payments', schema=None) as batch_op:
         batch_op.create_index('ix_payments_account', ['account_id', 'paid_on'], unique=False)
+
+    op.create_table('promises',
+    sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=True, nullable=False),
+    sa.Column('organization_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('account_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('amount', sa.BigInteger(), nullable=False),
+    sa.Column('currency', sa.String(length=3), nullable=False),
+    sa.Column('promised_date', sa.Date(), nullable=False),
+    sa.Column('status', sa.Enum('pending', 'kept', 'broken', 'cancelled', name='promise_status', native_enum=False, create_constraint=True), nullable=False),
+    sa.Column('source', sa.Enum('voice_call', 'agent', 'portal', 'api', name='promise_source', native_enum=False, create_constraint=True), nullable=False),
+    sa.Column('note', sa.Text(), nullable=True),
+    sa.Column('interaction_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=True),
+    sa.Column('created_by_user_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=True),
+    sa.Column('created_at', sa.DateTime(), nullable=False),
+    sa.Column('settled_at', sa.DateTime(), nullable=True),
+    sa.CheckConstraint('amount > 0', name=op.f('ck_promises_amount_positive')),
+    sa.ForeignKeyConstraint(['account_id'], ['accounts.id'], name=op.f('fk_promises_account_id_accounts'), ondelete='CASCADE'),
+    sa.ForeignKeyConstraint(['created_by_user_id'], ['users.id'], name=op.f('fk_promises_created_by_user_id_users'), ondelete='SET NULL'),
+    sa.ForeignKeyConstraint(['interaction_id'], ['interactions.id'], name=op.f('fk_promises_interaction_id_interactions'), ondelete='SET NULL'),
+    sa.ForeignKeyConstraint(['organization_id'], ['organizations.id'], name=op.f('fk_promises_organization_id_organizations'), ondelete='CASCADE'),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_promises'))
+    )
+    with op.batch_alter_table('promises', schema=None) as batch_op:
+        batch_op.create_index('ix_promises_account', ['account_id'], unique=False)
+        batch_op.create_index('ix_promises_org_status_date', ['organization_id', 'status', 'promised_date'], unique=False)
 
     op.create_table('tasks',
     sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=True, nullable=False),
@@ -536,41 +557,11 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f('ix_payment_allocations_invoice_id'), ['invoice_id'], unique=False)
         batch_op.create_index(batch_op.f('ix_payment_allocations_organization_id'), ['organization_id'], unique=False)
 
-    op.create_table('promises',
-    sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=True, nullable=False),
-    sa.Column('organization_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
-    sa.Column('account_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
-    sa.Column('amount', sa.BigInteger(), nullable=False),
-    sa.Column('currency', sa.String(length=3), nullable=False),
-    sa.Column('promised_date', sa.Date(), nullable=False),
-    sa.Column('status', sa.Enum('pending', 'kept', 'broken', 'cancelled', name='promise_status', native_enum=False, create_constraint=True), nullable=False),
-    sa.Column('source', sa.Enum('voice_call', 'agent', 'portal', 'api', name='promise_source', native_enum=False, create_constraint=True), nullable=False),
-    sa.Column('note', sa.Text(), nullable=True),
-    sa.Column('interaction_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=True),
-    sa.Column('created_by_user_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=True),
-    sa.Column('created_at', sa.DateTime(), nullable=False),
-    sa.Column('settled_at', sa.DateTime(), nullable=True),
-    sa.CheckConstraint('amount > 0', name=op.f('ck_promises_amount_positive')),
-    sa.ForeignKeyConstraint(['account_id'], ['accounts.id'], name=op.f('fk_promises_account_id_accounts'), ondelete='CASCADE'),
-    sa.ForeignKeyConstraint(['created_by_user_id'], ['users.id'], name=op.f('fk_promises_created_by_user_id_users'), ondelete='SET NULL'),
-    sa.ForeignKeyConstraint(['interaction_id'], ['interactions.id'], name=op.f('fk_promises_interaction_id_interactions'), ondelete='SET NULL'),
-    sa.ForeignKeyConstraint(['organization_id'], ['organizations.id'], name=op.f('fk_promises_organization_id_organizations'), ondelete='CASCADE'),
-    sa.PrimaryKeyConstraint('id', name=op.f('pk_promises'))
-    )
-    with op.batch_alter_table('promises', schema=None) as batch_op:
-        batch_op.create_index('ix_promises_account', ['account_id'], unique=False)
-        batch_op.create_index('ix_promises_org_status_date', ['organization_id', 'status', 'promised_date'], unique=False)
-
     # ### end Alembic commands ###
 
 
 def downgrade() -> None:
     # ### commands auto generated by Alembic - please adjust! ###
-    with op.batch_alter_table('promises', schema=None) as batch_op:
-        batch_op.drop_index('ix_promises_org_status_date')
-        batch_op.drop_index('ix_promises_account')
-
-    op.drop_table('promises')
     with op.batch_alter_table('payment_allocations', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_payment_allocations_organization_id'))
         batch_op.drop_index(batch_op.f('ix_payment_allocations_invoice_id'))
@@ -580,17 +571,15 @@ def downgrade() -> None:
         batch_op.drop_index('ix_tasks_org_status')
 
     op.drop_table('tasks')
+    with op.batch_alter_table('promises', schema=None) as batch_op:
+        batch_op.drop_index('ix_promises_org_status_date')
+        batch_op.drop_index('ix_promises_account')
+
+    op.drop_table('promises')
     with op.batch_alter_table('payments', schema=None) as batch_op:
         batch_op.drop_index('ix_payments_account')
 
     op.drop_table('payments')
-    with op.batch_alter_table('interactions', schema=None) as batch_op:
-        batch_op.drop_index('ix_interactions_provider_ref')
-        batch_op.drop_index('ix_interactions_org_time')
-        batch_op.drop_index('ix_interactions_campaign')
-        batch_op.drop_index('ix_interactions_account')
-
-    op.drop_table('interactions')
     with op.batch_alter_table('sandbox_outbox', schema=None) as batch_op:
         batch_op.drop_index('ix_sandbox_outbox_org')
 
@@ -608,15 +597,22 @@ def downgrade() -> None:
         batch_op.drop_index('ix_invoices_account_open')
 
     op.drop_table('invoices')
+    with op.batch_alter_table('interactions', schema=None) as batch_op:
+        batch_op.drop_index('ix_interactions_provider_ref')
+        batch_op.drop_index('ix_interactions_org_time')
+        batch_op.drop_index('ix_interactions_campaign')
+        batch_op.drop_index('ix_interactions_account')
+
+    op.drop_table('interactions')
     with op.batch_alter_table('account_tags', schema=None) as batch_op:
         batch_op.drop_index('ix_account_tags_org_tag')
 
     op.drop_table('account_tags')
     with op.batch_alter_table('accounts', schema=None) as batch_op:
-        batch_op.drop_index('ix_accounts_strategy_stage')
-        batch_op.drop_index('ix_accounts_org_tab_id')
+        batch_op.drop_index('ix_accounts_strategy_stage', postgresql_where=sa.text('strategy_id IS NOT NULL'), sqlite_where=sa.text('strategy_id IS NOT NULL'))
+        batch_op.drop_index('ix_accounts_org_tab_id', postgresql_where=sa.text('collection_tab IS NOT NULL'), sqlite_where=sa.text('collection_tab IS NOT NULL'))
         batch_op.drop_index('ix_accounts_org_status_id')
-        batch_op.drop_index('ix_accounts_campaign_id')
+        batch_op.drop_index('ix_accounts_campaign_id', postgresql_where=sa.text('campaign_id IS NOT NULL'), sqlite_where=sa.text('campaign_id IS NOT NULL'))
 
     op.drop_table('accounts')
     op.drop_table('stages')
