@@ -866,3 +866,63 @@ def test_pipelined_path_hands_updates_to_the_general_path(org, db, clock, pipeli
     assert (changed["inserted"], changed["updated"], changed["unchanged"]) == (1, 1, 4)
     if db.engine.dialect.name == "postgresql":
         assert pipelined_calls[-3:] == [False, False, False]
+
+
+# Text the COPY format must escape (tab, line breaks, backslashes, a literal \N) and non-ASCII.
+AWKWARD_ACCOUNTS = (
+    ACCOUNTS_HEADER + "\n"
+    'B1,"Tab\there",,,,,,,,"a\\b|c\td",,,,,true,"line one\nline two\r\nthree",\n'
+    'B2,\\N,,,,,,,,\\N,,,,,true,"back\\\\slash \\t not a tab",\n'
+    "B3,Zoë Ñandú 東京,,,,,,,,ü|ß,,,,,,,\n"
+)
+AWKWARD_INVOICES = (
+    "external_id,account_external_id,number,currency,total,amount_paid,issue_date,due_date,status,disputed\n"
+    'J1,B1,"N\t1\\x",,10,0,2026-01-01,2026-02-01,,\n'
+    "J2,B2,\\N,,20,5,2026-01-01,2026-02-01,,\n"
+    "J3,B3,№ 3,,30,0,2026-01-01,2026-02-01,,\n"
+)
+
+
+@pytest.mark.parametrize("formatter", [True, False], ids=["copy-text-from-reader", "rows-to-writer"])
+def test_pipelined_path_stages_awkward_text_exactly(org, other_org, db, clock, pipelined_calls, monkeypatch, formatter):
+    """The reading thread formats each batch as COPY text (psycopg's formatter); without that
+    formatter the writer thread copies the rows. Either way every value arrives unchanged."""
+    from duecourse.ledger import imports
+
+    if not formatter:
+        monkeypatch.setattr(imports, "_CopyFormatter", None)
+    pg = db.engine.dialect.name == "postgresql"
+    fast = [_run(db, org.id, k, c, clock.now()) for k, c in (("accounts", AWKWARD_ACCOUNTS), ("invoices", AWKWARD_INVOICES))]
+    assert pipelined_calls == ([True, True] if pg else [])
+    monkeypatch.setattr(imports, "_PIPELINED", ())
+    general = [_run(db, other_org.id, k, c, clock.now()) for k, c in (("accounts", AWKWARD_ACCOUNTS), ("invoices", AWKWARD_INVOICES))]
+    assert fast == general
+    state = _ledger_state(db, org.id)
+    assert state == _ledger_state(db, other_org.id)
+    names = {r[0]: (r[1], r[14]) for r in state["accounts"]}
+    assert names == {
+        "B1": ("Tab\there", "line one\nline two\r\nthree"),
+        "B2": ("\\N", "back\\\\slash \\t not a tab"),
+        "B3": ("Zoë Ñandú 東京", None),
+    }
+    assert [(r[0], r[1]) for r in state["tags"]] == [("B1", "a\\b"), ("B1", "c\td"), ("B2", "\\N"), ("B3", "ß"), ("B3", "ü")]
+    assert [r[2] for r in state["invoices"]] == ["N\t1\\x", "\\N", "№ 3"]
+
+
+def test_account_indexes_on_tab_strategy_and_campaign_are_partial(db):
+    """Accounts without a tab, strategy or campaign (a fresh import) have no entries in these
+    indexes; the queries that use them always name a value, which implies NOT NULL."""
+    with db.engine.connect() as conn:
+        if db.engine.dialect.name == "postgresql":
+            rows = conn.execute(
+                text("SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'accounts'")
+            ).all()
+        else:
+            rows = conn.execute(text("SELECT name, sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'accounts'")).all()
+    defs = {name: (sql or "") for name, sql in rows}
+    for name, column in (
+        ("ix_accounts_org_tab_id", "collection_tab"),
+        ("ix_accounts_strategy_stage", "strategy_id"),
+        ("ix_accounts_campaign_id", "campaign_id"),
+    ):
+        assert f"WHERE {column} IS NOT NULL" in defs[name].replace("(", "").replace(")", ""), defs[name]
