@@ -31,7 +31,11 @@ def _serializer(secret_key: str) -> URLSafeSerializer:
 
 @lru_cache(maxsize=8)
 def _signer(secret_key: str) -> Signer:
-    return _serializer(secret_key).make_signer()
+    """The serializer's signer with its key derived once: it would derive the key again (a hash of
+    the salt and the secret) for every signature. Same signatures (the token test checks)."""
+    signer = _serializer(secret_key).make_signer()
+    return Signer(signer.derive_key(), key_derivation="none", digest_method=signer.digest_method,
+                  algorithm=signer.algorithm, sep=signer.sep)
 
 
 def unsubscribe_token(secret_key: str, *, organization_id: int, account_id: int, channel: str) -> str:

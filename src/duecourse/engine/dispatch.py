@@ -157,7 +157,8 @@ class _Batch:
     items: dict[int, QueueItem] = field(default_factory=dict)
     accounts: dict[int, Account] = field(default_factory=dict)
     contacts: dict[int, list[tuple[datetime, str]]] = field(default_factory=dict)
-    invoices: list[Any] = field(default_factory=list)
+    # The accounts' carrying invoices, what the templates show of them (plain rows, by id).
+    invoices: dict[int, Any] = field(default_factory=dict)
     campaign_open: dict[int, bool] = field(default_factory=dict)
     # (organization, channel, time zone) -> whether the batch's "now" is inside the allowed hours.
     allowed_now: dict[tuple[int, str, str], bool] = field(default_factory=dict)
@@ -192,7 +193,10 @@ def _preload(session: Session, batch: _Batch, ids: list[int], *, worker: str, no
         batch.in_flight_elsewhere = _in_flight_elsewhere(session, account_ids, worker=worker, now=now)
         invoice_ids = {a.carrying_invoice_id for a in accounts if a.carrying_invoice_id is not None}
         if invoice_ids:
-            batch.invoices = list(session.scalars(select(Invoice).where(id_in(session, Invoice.id, sorted(invoice_ids)))))
+            batch.invoices = {row.id: row for row in session.execute(
+                select(Invoice.id, Invoice.organization_id, Invoice.number, Invoice.total, Invoice.due_date)
+                .where(id_in(session, Invoice.id, sorted(invoice_ids)))
+            )}
     batch.preloaded = True
 
 
@@ -471,8 +475,11 @@ def _render(ctx: _Ctx, unsubscribe: str | None) -> tuple[str | None, str, str | 
         return None, "", None
     if ctx.item.tone:
         template = variant_for(ctx.session, template, str(ctx.item.tone))  # §4.8: e.g. empathetic after a hostile call
+    known: dict[str, Any] = {}
+    if ctx.batch is not None and ctx.batch.preloaded:
+        known["invoice"] = ctx.batch.invoices.get(ctx.account.carrying_invoice_id)  # type: ignore[arg-type]
     context = account_context_for(ctx.session, organization_id=ctx.org.id, account_id=ctx.account.id, now=ctx.now,
-                                  unsubscribe_link=unsubscribe, account=ctx.account, org=ctx.org)
+                                  unsubscribe_link=unsubscribe, account=ctx.account, org=ctx.org, **known)
     subject = rendering.render(template.subject, context, field="subject") if template.subject else None
     text = rendering.render(template.body_text, context, field="body_text")
     html = rendering.render(template.body_html, context, field="body_html", html=True) if template.body_html else None

@@ -21,14 +21,16 @@ ever written outside the batch's transaction: a batch that fails writes none of 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import BigInteger, Boolean, Date, DateTime, Table, Text, bindparam, cast, column, func, insert, inspect, update
+from sqlalchemy import (
+    BigInteger, Boolean, Date, DateTime, Table, Text, bindparam, cast, column, func, insert, inspect, update,
+)
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.state import InstanceState
@@ -210,14 +212,19 @@ def insert_json(session: Session, table: Table, rows: list[dict[str, Any]]) -> N
             [f for _, _, f in specs],
         )
     sql, convert = _SQL[key]
-    converted = [(n, f) for n, f in zip(names, convert, strict=True) if f is not _plain]
+    session.connection().exec_driver_sql(sql, (_json_rows(rows, zip(names, convert, strict=True)),))
+
+
+def _json_rows(rows: list[dict[str, Any]], conversions: Iterable[tuple[str, Callable[[Any], Any]]]) -> str:
+    """The rows as one compact JSON array, each value converted for its column."""
+    converted = [(n, f) for n, f in conversions if f is not _plain]
     out = []
     for r in rows:
         row = dict(r)
         for n, f in converted:
             row[n] = f(row[n])
         out.append(row)
-    session.connection().exec_driver_sql(sql, (json.dumps(out, separators=(",", ":")),))
+    return json.dumps(out, separators=(",", ":"))
 
 
 def _changes(state: InstanceState[Any]) -> dict[str, Any] | None:
@@ -235,8 +242,6 @@ def _changes(state: InstanceState[Any]) -> dict[str, Any] | None:
     return {k: state.dict[k] for k in changed}
 
 
-# A tab refresh can ride along in the account's UPDATE unless one of its other inputs changes too.
-_TAB_INPUTS = frozenset({"balance", "gross_open", "blocked", "strategy_id", "collection_tab"})
 
 
 def update_changed(session: Session, objects: list[Any], *, postgres: bool) -> int:
@@ -260,7 +265,7 @@ def update_changed(session: Session, objects: list[Any], *, postgres: bool) -> i
         if changes:
             table = obj.__table__
             tab_org = None
-            if pending and table is ACCOUNTS and obj.id in pending.get(obj.organization_id, ()) and not _TAB_INPUTS & changes.keys():
+            if pending and table is ACCOUNTS and obj.id in pending.get(obj.organization_id, ()) and _tab_rides_along(changes):
                 tab_org = obj.organization_id
             groups.setdefault((table, tuple(sorted(changes)), tab_org), []).append((obj, changes))
     for (table, names, tab_org), members in groups.items():
@@ -276,6 +281,14 @@ def update_changed(session: Session, objects: list[Any], *, postgres: bool) -> i
     # writing them; without it the next flush would walk every object of the batch for changes).
     InstanceState._commit_all_states([(st, st.dict) for st in written], session.identity_map)
     return len(groups)
+
+
+def _tab_rides_along(changes: dict[str, Any]) -> bool:
+    """Whether the account's new tab can be computed in the UPDATE that writes ``changes``: its
+    expression reads the stored columns, and only the new status is handed to it."""
+    from duecourse.ledger.derived import TAB_INPUTS
+
+    return not (TAB_INPUTS - {"status"} | {"collection_tab"}) & changes.keys()
 
 
 _SA_TYPES = {"timestamp": DateTime(), "bigint": BigInteger(), "date": Date(), "text": Text(), "boolean": Boolean()}
@@ -302,12 +315,5 @@ def _update_json(
 
         exclusions = get_settings(session, tab_org).exclusions
         values["collection_tab"] = tab_expr(exclusions, status=v.c.status if "status" in names else None)
-    converted = [(n, f) for n, (_, _, f) in zip(names, specs, strict=True) if f is not _plain]
-    out = []
-    for r in rows:  # {"id": …, <names>: …}
-        row = dict(r)
-        for n, f in converted:
-            row[n] = f(row[n])
-        out.append(row)
-    doc = json.dumps(out, separators=(",", ":"))
+    doc = _json_rows(rows, ((n, f) for n, (_, _, f) in zip(names, specs, strict=True)))  # rows: id + names
     session.connection().execute(update(table).values(values).where(table.c.id == v.c.id), {"_doc": doc})

@@ -29,8 +29,8 @@ log = logging.getLogger("duecourse.engine")
 def freeze_startup_heap() -> None:
     """Take what start-up allocated (modules, settings, the app) out of the garbage collector's
     sight. An engine process allocates and drops thousands of objects per dispatch batch; without
-    this, every full collection walks the whole start-up heap again, which cost a dispatch worker
-    about a third of its CPU (docs/benchmarks.md). Call once, when start-up is done."""
+    this, every full collection walks the whole start-up heap again: about a sixth of a dispatch
+    worker's CPU (docs/benchmarks.md). Call once, when start-up is done."""
     gc.collect()
     gc.freeze()
 

@@ -86,6 +86,10 @@ def excluded_expr(
     return or_(*rules) if rules else false()
 
 
+# The account columns ``tab_expr`` reads (besides the account's tags).
+TAB_INPUTS = frozenset({"gross_open", "balance", "blocked", "strategy_id", "status"})
+
+
 def tab_expr(
     exclusions: ExclusionSettings,
     *,

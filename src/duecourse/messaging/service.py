@@ -250,12 +250,16 @@ def payment_link_for(
     })
 
 
+_LOOK_UP: Any = object()  # account_context_for: the carrying invoice was not given
+
+
 def account_context_for(
     session: Session, *, organization_id: int, account_id: int, now: datetime, unsubscribe_link: str | None = None,
-    account: Account | None = None, org: Organization | None = None, preview: bool = False,
+    account: Account | None = None, org: Organization | None = None, preview: bool = False, invoice: Any = _LOOK_UP,
 ) -> dict[str, Any]:
-    """The template variables for one account. The engine passes the account and organization it
-    already holds; they must be the ones named by the ids.
+    """The template variables for one account. The engine passes the account, organization and
+    carrying invoice (anything with ``organization_id``, ``number``, ``total`` and ``due_date``, or
+    None) it already holds; they must be the ones named by the ids and by the account.
 
     ``payment_link`` is the organization's payment link filled in for the account. Without one, a
     template that uses it fails to render (:data:`PAYMENT_LINK_NOT_CONFIGURED`), so no message goes
@@ -267,11 +271,10 @@ def account_context_for(
     if org is None or org.id != organization_id:
         org = session.get(Organization, organization_id)
     assert org is not None
-    invoice = None
-    if account.carrying_invoice_id is not None:
-        invoice = session.get(Invoice, account.carrying_invoice_id)  # the engine has it loaded already
-        if invoice is not None and invoice.organization_id != organization_id:
-            invoice = None
+    if invoice is _LOOK_UP:
+        invoice = session.get(Invoice, account.carrying_invoice_id) if account.carrying_invoice_id is not None else None
+    if invoice is not None and invoice.organization_id != organization_id:
+        invoice = None
     today = now.astimezone(ZoneInfo(account.timezone or org.timezone)).date()
     places = currency_places(account.currency)
     stand_in_pay, stand_in_unsubscribe = preview_links(account.external_id)
