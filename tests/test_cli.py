@@ -97,3 +97,20 @@ def test_simulate_prints_the_plan_and_changes_nothing(cli, db):
     assert "summary:" in r.output and "DEMO-" in r.output
     with db.transaction() as s:
         assert s.scalar(select(func.count()).select_from(QueueItem)) == before
+
+
+def test_demo_firm_notice_never_says_negative_days_overdue(cli, db):
+    """The demo's high-balance strategy reaches debtors whose invoice is not due yet: its notice
+    says when the invoice falls due instead of "-25 days overdue"."""
+    from duecourse.messaging import rendering
+    from duecourse.messaging.models import Template
+
+    assert cli.invoke(app, ["demo", "--no-serve"]).exit_code == 0
+    with db.transaction() as s:
+        firm = s.scalar(select(Template).where(Template.name == "Firm notice"))
+        body, subject = firm.body_text, firm.subject
+    context = {**rendering.SAMPLE_CONTEXT, "carrying_invoice_due_date": "2026-12-17"}
+    not_due = rendering.render(body, {**context, "days_overdue": -25}, field="body_text")
+    assert "falls due on 2026-12-17" in not_due and "overdue" not in not_due
+    assert "is 12 days overdue" in rendering.render(body, {**context, "days_overdue": 12}, field="body_text")
+    assert "overdue" not in rendering.render(subject, context, field="subject")

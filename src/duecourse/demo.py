@@ -85,15 +85,18 @@ def load_demo(session: Session, *, now: datetime, accounts: int = 60, seed: int 
         "Hello {{ debtor_name }},\n\nInvoice {{ carrying_invoice_number }} for {{ carrying_invoice_amount }} "
         "{{ currency }} was due on {{ carrying_invoice_due_date }}. You can pay here: {{ payment_link }}\n\n"
         "Unsubscribe: {{ unsubscribe_link }}",
-        subject="Invoice {{ carrying_invoice_number }} is overdue",
+        subject="Invoice {{ carrying_invoice_number }}: payment reminder",
     )
     firm = template(
         "Firm notice",
         Channel.email,
         Tone.firm,
-        "Dear {{ debtor_name }},\n\nYour balance of {{ balance }} {{ currency }} is {{ days_overdue }} days overdue. "
+        # The high-balance strategy reaches debtors whose invoice is not due yet: say so, never "-5 days overdue".
+        "Dear {{ debtor_name }},\n\nYour balance of {{ balance }} {{ currency }} "
+        "{% if days_overdue and days_overdue > 0 %}is {{ days_overdue }} days overdue"
+        "{% else %}falls due on {{ carrying_invoice_due_date }}{% endif %}. "
         "Please pay today: {{ payment_link }}\n\nUnsubscribe: {{ unsubscribe_link }}",
-        subject="Action required: {{ balance }} {{ currency }} overdue",
+        subject="Action required: {{ balance }} {{ currency }} outstanding",
     )
     sms = template(
         "SMS nudge",
