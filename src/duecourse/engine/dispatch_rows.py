@@ -63,10 +63,12 @@ class BatchRows:
     def __bool__(self) -> bool:
         return bool(self.outbox or self.interactions or self.log or self.tracked)
 
-    def write(self, session: Session) -> None:
+    def write(self, session: Session, *, last: bool = False) -> None:
+        """Write what has been collected. ``last``: the batch's final write, after which nothing in it
+        changes an account any more, so the accounts' tabs can be set in the same ``UPDATE``."""
         postgres = session.get_bind().dialect.name == "postgresql"
         if self.tracked:
-            self.statements += update_changed(session, self.tracked, postgres=postgres)
+            self.statements += update_changed(session, self.tracked, postgres=postgres, with_tabs=last)
         # Within a table the rows go in the order they were collected, so ids increase in the order
         # things happened (execution-log readers order by id).
         for table, rows in ((OUTBOX, self.outbox), (INTERACTIONS, self.interactions), (LOG, self.log)):
@@ -101,7 +103,7 @@ def collecting(session: Session) -> Iterator[BatchRows]:
     session.info[KEY] = rows = BatchRows()
     try:
         yield rows
-        rows.write(session)
+        rows.write(session, last=True)
     finally:
         session.info.pop(KEY, None)
 
@@ -244,16 +246,17 @@ def _changes(state: InstanceState[Any]) -> dict[str, Any] | None:
 
 
 
-def update_changed(session: Session, objects: list[Any], *, postgres: bool) -> int:
+def update_changed(session: Session, objects: list[Any], *, postgres: bool, with_tabs: bool = False) -> int:
     """Write the changed columns of ``objects`` (mapped to one table per class, primary key ``id``)
     as one statement per table and set of changed columns, then tell the session they are written.
     Returns the number of statements.
 
-    On PostgreSQL, accounts waiting for the tab refresh of :func:`~duecourse.engine.cases.tabs_refreshed_at_end`
-    get their new tab in the same ``UPDATE`` (one row version instead of two) and leave that refresh."""
+    ``with_tabs`` (PostgreSQL; the batch's last write): accounts waiting for the tab refresh of
+    :func:`~duecourse.engine.cases.tabs_refreshed_at_end` get their new tab in the same ``UPDATE``
+    (one row version instead of two) and leave that refresh."""
     from duecourse.engine.cases import pending_tab_refresh
 
-    pending = pending_tab_refresh(session) if postgres else None
+    pending = pending_tab_refresh(session) if postgres and with_tabs else None
     groups: dict[tuple[Table, tuple[str, ...], int | None], list[tuple[Any, dict[str, Any]]]] = {}
     written: list[InstanceState[Any]] = []
     for obj in objects:
