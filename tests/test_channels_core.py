@@ -180,7 +180,9 @@ def test_unsubscribe_tokens_are_the_serializers_own_and_read_back():
 
     from duecourse.channels.links import read_unsubscribe_token, unsubscribe_token
 
-    for org_id, account_id, channel in ((1, 2, "email"), (7, 123456789, "sms"), (3, 4, "whatsapp")):
+    # Including payloads the serializer compresses (long, repetitive ids) and a non-ASCII channel.
+    for org_id, account_id, channel in ((1, 2, "email"), (7, 123456789, "sms"), (3, 4, "whatsapp"),
+                                        (100000, 1111111111, "email"), (100000, 10**12, "sms"), (5, 6, "émail")):
         token = unsubscribe_token("k3y", organization_id=org_id, account_id=account_id, channel=channel)
         assert token == URLSafeSerializer("k3y", salt="duecourse-unsubscribe").dumps([org_id, account_id, channel])
         target = read_unsubscribe_token("k3y", token)

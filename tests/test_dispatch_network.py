@@ -226,3 +226,29 @@ def test_a_claim_takes_exactly_what_it_asks_for(db, org, clock):
         assert len(claim(s, now=now, worker="B", limit=2)) == 2
         statuses = sorted((q.status.value, q.claimed_by) for q in s.scalars(select(QueueItem)))
     assert statuses == [("pending", None), ("processing", "A"), ("processing", "A"), ("processing", "B"), ("processing", "B")]
+
+
+def test_a_batch_sends_at_most_max_network_sends_and_releases_the_rest(db, org, clock, monkeypatch):
+    """Network sends go out one after another after the batch commits, each item's lease extended by
+    one send's worth: a batch takes at most MAX_NETWORK_SENDS of them and releases the others (not
+    counted as an attempt) for the next batch, so a dead worker's items wait a bounded time."""
+    from duecourse.engine import dispatch
+
+    monkeypatch.setattr(dispatch, "MAX_NETWORK_SENDS", 3)
+    now = clock.now()
+    _setup(db, org, now, [("email", "t", 0)])
+    _debtors(db, org, now, 5, "NET")
+    _enqueue(db, org.id, now)
+    remote = Remote()
+    with db.transaction() as s:
+        ids = claim(s, now=now, worker="w", limit=500)
+    assert len(ids) == 5
+    outcomes = dispatch._run_batch(db, ids, now=now, worker="w", providers=ByOrg({org.id: remote}))
+    assert sorted(outcomes) == ["dispatched"] * 3 + ["released"] * 2
+    assert len(remote.sent) == 3
+    with db.transaction() as s:
+        waiting = s.scalars(select(QueueItem).where(QueueItem.status == "pending")).all()
+        assert len(waiting) == 2 and all(q.attempt == 0 and q.claimed_by is None for q in waiting)
+    # The next pass takes them; every message went out exactly once.
+    assert run_due(db, now=now, worker="w", providers=ByOrg({org.id: remote})) == {"dispatched": 2}
+    assert sorted(remote.sent) == sorted(set(remote.sent)) and len(remote.sent) == 5

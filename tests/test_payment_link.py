@@ -69,6 +69,7 @@ def test_payment_link_setting_saved_audited_and_cleared(org):
         ("https://pay.example.com/x}", "unmatched { or }"),
         ("https://{account_external_id}.example.com/", "not in the host"),
         ("https://pay.example.com/a b", "must not contain spaces"),
+        ("https://a.example.com\\@b.example.com/{account_external_id}", "must not contain a backslash"),
         ("https://pay.example.com:99999/", "not a valid URL"),
         ("https://pay.example.com/" + "x" * 2000, "at most 2000 characters"),
     ],

@@ -40,8 +40,8 @@ class Settings(BaseSettings):
     dispatch_batch: int = Field(
         default=500, ge=1, le=10_000,
         description="Queue items a worker claims and handles in one transaction. Larger batches cost "
-        "fewer statements per message; a batch's messages to network providers are sent one after "
-        "another before the batch is recorded.",
+        "fewer statements per message; at most 100 of a batch's messages go to network providers "
+        "(sent one after another before the batch is recorded), the others wait for the next batch.",
     )
     host: str = "127.0.0.1"
     port: int = 8000

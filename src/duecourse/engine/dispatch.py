@@ -63,6 +63,11 @@ CONTACT_CHANNELS = ("email", "sms", "whatsapp", "voice")
 INVALID_FLAG = {"email": "email_invalid", "sms": "phone_invalid", "whatsapp": "whatsapp_invalid", "voice": "phone_invalid"}
 BREAKER_SECONDS = 60
 DEFAULT_BATCH = 500  # items per claim and transaction (``Settings.dispatch_batch`` for the worker)
+# Messages for network providers per batch: they are sent one after another after the batch commits,
+# and each extends its item's lease by one send's worth of time, so a worker that dies mid-batch
+# leaves its last items waiting at most ~100 sends (about 50 minutes) before another worker takes
+# them. A batch's further messages for the network are released for the next batch.
+MAX_NETWORK_SENDS = 100
 ADDRESS = {"email": "email", "sms": "phone", "whatsapp": "whatsapp", "voice": "phone"}
 WAITS_FOR_OUTCOME = ("voice", "phone_call", "escalation")
 
@@ -475,9 +480,12 @@ def _render(ctx: _Ctx, unsubscribe: str | None) -> tuple[str | None, str, str | 
         return None, "", None
     if ctx.item.tone:
         template = variant_for(ctx.session, template, str(ctx.item.tone))  # §4.8: e.g. empathetic after a hostile call
-    known: dict[str, Any] = {}
-    if ctx.batch is not None and ctx.batch.preloaded:
-        known["invoice"] = ctx.batch.invoices.get(ctx.account.carrying_invoice_id)  # type: ignore[arg-type]
+    known: dict[str, Any] = {}  # the carrying invoice, when the batch read it (else it is looked up)
+    invoice_id = ctx.account.carrying_invoice_id
+    if invoice_id is None:
+        known["invoice"] = None
+    elif ctx.batch is not None and invoice_id in ctx.batch.invoices:
+        known["invoice"] = ctx.batch.invoices[invoice_id]
     context = account_context_for(ctx.session, organization_id=ctx.org.id, account_id=ctx.account.id, now=ctx.now,
                                   unsubscribe_link=unsubscribe, account=ctx.account, org=ctx.org, **known)
     subject = rendering.render(template.subject, context, field="subject") if template.subject else None
@@ -530,6 +538,9 @@ def _dispatch(ctx: _Ctx, providers: ProviderFactory, batch: _Batch | None = None
         except Exception as exc:  # noqa: BLE001 - unreadable credentials, a broken configuration
             return _fail(ctx, f"provider configuration: {exc}", retryable=False, reason="provider_configuration")
         if batch is not None and not getattr(provider, "in_transaction", False):
+            if len(batch.sends) >= MAX_NETWORK_SENDS:
+                _release(ctx)
+                return "released"
             # Sent after this transaction commits; the lease covers the wait for the network.
             timeout = getattr(getattr(providers, "settings", None), "provider_timeout_seconds", 10.0)
             item.lease_expires_at = ctx.now + timedelta(seconds=300 + (len(batch.sends) + 1) * max(30.0, 2 * timeout))

@@ -219,10 +219,14 @@ def insert_json(session: Session, table: Table, rows: list[dict[str, Any]]) -> N
 
 def _json_rows(rows: list[dict[str, Any]], conversions: Iterable[tuple[str, Callable[[Any], Any]]]) -> str:
     """The rows as one compact JSON array, each value converted for its column."""
+    conversions = list(conversions)
     converted = [(n, f) for n, f in conversions if f is not _plain]
+    width = len(conversions)
     out = []
     for r in rows:
         row = dict(r)
+        if len(row) != width:  # every row has exactly the columns of the statement
+            raise KeyError(f"row with columns {sorted(row)} for a statement of {[n for n, _ in conversions]}")
         for n, f in converted:
             row[n] = f(row[n])
         out.append(row)
@@ -264,8 +268,8 @@ def update_changed(session: Session, objects: list[Any], *, postgres: bool, with
         changes = _changes(state)
         if changes is None:
             continue  # left to the unit of work
-        written.append(state)
         if changes:
+            written.append(state)
             table = obj.__table__
             tab_org = None
             if pending and table is ACCOUNTS and obj.id in pending.get(obj.organization_id, ()) and _tab_rides_along(changes):
@@ -318,5 +322,5 @@ def _update_json(
 
         exclusions = get_settings(session, tab_org).exclusions
         values["collection_tab"] = tab_expr(exclusions, status=v.c.status if "status" in names else None)
-    doc = _json_rows(rows, ((n, f) for n, (_, _, f) in zip(names, specs, strict=True)))  # rows: id + names
+    doc = _json_rows(rows, [("id", _plain), *((n, f) for n, (_, _, f) in zip(names, specs, strict=True))])
     session.connection().execute(update(table).values(values).where(table.c.id == v.c.id), {"_doc": doc})

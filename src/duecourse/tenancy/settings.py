@@ -155,6 +155,8 @@ def payment_link_problem(link: str) -> str | None:
         return f"must be at most {PAYMENT_LINK_MAX} characters"
     if any(c.isspace() or not c.isprintable() for c in link):
         return "must not contain spaces or control characters (write a space as %20)"
+    if "\\" in link:  # browsers read a backslash as a slash: the host they go to is not the one shown
+        return "must not contain a backslash (write it as %5C)"
     for m in _PLACEHOLDER.finditer(link):
         if not m.group(1):
             return f"has an empty placeholder {{}}; the placeholders are {_PLACEHOLDER_LIST}"
