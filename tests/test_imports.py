@@ -811,15 +811,23 @@ def _run(db: Any, org_id: int, kind: str, content: str, now: Any, **kw: Any) -> 
         return run_import(s, organization_id=org_id, kind=kind, stream=stream, now=now, batch_rows=1, **kw).as_dict()
 
 
-def test_pipelined_path_writes_what_the_general_path_writes(org, other_org, db, clock, pipelined_calls, monkeypatch):
+def _fast_then_general(db, org, other_org, clock, pipelined_calls, monkeypatch, accounts, invoices):  # type: ignore[no-untyped-def]
+    """Import the two files into ``org`` (the pipelined path on PostgreSQL), then into ``other_org``
+    with the pipelined path off; both reports must be the same. Returns the first reports."""
     from duecourse.ledger import imports
 
-    pg = db.engine.dialect.name == "postgresql"
-    fast = [_run(db, org.id, kind, content, clock.now()) for kind, content in (("accounts", MORE_ACCOUNTS), ("invoices", MORE_INVOICES))]
-    assert pipelined_calls == ([True, True] if pg else [])
+    files = (("accounts", accounts), ("invoices", invoices))
+    fast = [_run(db, org.id, kind, content, clock.now()) for kind, content in files]
+    assert pipelined_calls == ([True, True] if db.engine.dialect.name == "postgresql" else [])
     monkeypatch.setattr(imports, "_PIPELINED", ())
-    general = [_run(db, other_org.id, kind, content, clock.now()) for kind, content in (("accounts", MORE_ACCOUNTS), ("invoices", MORE_INVOICES))]
+    general = [_run(db, other_org.id, kind, content, clock.now()) for kind, content in files]
     assert fast == general
+    return fast
+
+
+def test_pipelined_path_writes_what_the_general_path_writes(org, other_org, db, clock, pipelined_calls, monkeypatch):
+
+    fast = _fast_then_general(db, org, other_org, clock, pipelined_calls, monkeypatch, MORE_ACCOUNTS, MORE_INVOICES)
     assert fast[0]["inserted"] == 5 and fast[1]["inserted"] == 7
     assert _ledger_state(db, org.id) == _ledger_state(db, other_org.id)
     # and the derived values are what a full refresh gives
@@ -891,12 +899,7 @@ def test_pipelined_path_stages_awkward_text_exactly(org, other_org, db, clock, p
 
     if not formatter:
         monkeypatch.setattr(imports, "_CopyFormatter", None)
-    pg = db.engine.dialect.name == "postgresql"
-    fast = [_run(db, org.id, k, c, clock.now()) for k, c in (("accounts", AWKWARD_ACCOUNTS), ("invoices", AWKWARD_INVOICES))]
-    assert pipelined_calls == ([True, True] if pg else [])
-    monkeypatch.setattr(imports, "_PIPELINED", ())
-    general = [_run(db, other_org.id, k, c, clock.now()) for k, c in (("accounts", AWKWARD_ACCOUNTS), ("invoices", AWKWARD_INVOICES))]
-    assert fast == general
+    _fast_then_general(db, org, other_org, clock, pipelined_calls, monkeypatch, AWKWARD_ACCOUNTS, AWKWARD_INVOICES)
     state = _ledger_state(db, org.id)
     assert state == _ledger_state(db, other_org.id)
     names = {r[0]: (r[1], r[14]) for r in state["accounts"]}
