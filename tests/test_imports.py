@@ -826,7 +826,6 @@ def _fast_then_general(db, org, other_org, clock, pipelined_calls, monkeypatch, 
 
 
 def test_pipelined_path_writes_what_the_general_path_writes(org, other_org, db, clock, pipelined_calls, monkeypatch):
-
     fast = _fast_then_general(db, org, other_org, clock, pipelined_calls, monkeypatch, MORE_ACCOUNTS, MORE_INVOICES)
     assert fast[0]["inserted"] == 5 and fast[1]["inserted"] == 7
     assert _ledger_state(db, org.id) == _ledger_state(db, other_org.id)
