@@ -114,3 +114,18 @@ def test_demo_firm_notice_never_says_negative_days_overdue(cli, db):
     assert "falls due on 2026-12-17" in not_due and "overdue" not in not_due
     assert "is 12 days overdue" in rendering.render(body, {**context, "days_overdue": 12}, field="body_text")
     assert "overdue" not in rendering.render(subject, context, field="subject")
+
+
+def test_engine_processes_freeze_their_start_up_heap_and_collect_less_often():
+    """What ``duecourse serve``, ``worker`` and ``scheduler`` do once started (in a process of its
+    own: freezing would change this test process's collector)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import gc; from duecourse.engine.runner import GC_THRESHOLD, freeze_startup_heap; "
+        "before = gc.get_freeze_count(); freeze_startup_heap(); "
+        "print(before, gc.get_freeze_count() > 1000, gc.get_threshold() == GC_THRESHOLD, GC_THRESHOLD[0] > 700)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["0", "True", "True", "True"]

@@ -38,7 +38,7 @@ class Settings(BaseSettings):
         default=10.0, description="Longest wait for a provider (SMTP, messaging API, voice service) per send."
     )
     dispatch_batch: int = Field(
-        default=500, ge=1, le=10_000,
+        default=1000, ge=1, le=10_000,
         description="Queue items a worker claims and handles in one transaction. Larger batches cost "
         "fewer statements per message; at most 100 of a batch's messages go to network providers "
         "(sent one after another before the batch is recorded), the others wait for the next batch.",

@@ -62,7 +62,7 @@ log = logging.getLogger("duecourse.engine.dispatch")
 CONTACT_CHANNELS = ("email", "sms", "whatsapp", "voice")
 INVALID_FLAG = {"email": "email_invalid", "sms": "phone_invalid", "whatsapp": "whatsapp_invalid", "voice": "phone_invalid"}
 BREAKER_SECONDS = 60
-DEFAULT_BATCH = 500  # items per claim and transaction (``Settings.dispatch_batch`` for the worker)
+DEFAULT_BATCH = 1000  # items per claim and transaction (the worker uses ``Settings.dispatch_batch``, same default)
 # Messages for network providers per batch: they are sent one after another after the batch commits,
 # and each extends its item's lease by one send's worth of time, so a worker that dies mid-batch
 # leaves its last items waiting at most ~100 sends (about 50 minutes) before another worker takes
