@@ -252,3 +252,36 @@ def test_a_batch_sends_at_most_max_network_sends_and_releases_the_rest(db, org, 
     # The next pass takes them; every message went out exactly once.
     assert run_due(db, now=now, worker="w", providers=ByOrg({org.id: remote})) == {"dispatched": 2}
     assert sorted(remote.sent) == sorted(set(remote.sent)) and len(remote.sent) == 5
+
+
+class ChangesAccounts(Remote):
+    """A remote during whose first send the debtors act: one unsubscribes from email, another
+    account is paused by a manager (the batch has already decided to write to both)."""
+
+    def __init__(self, db, opted_out: int, paused: int) -> None:
+        super().__init__()
+        self.db, self.opted_out, self.paused = db, opted_out, paused
+
+    def send(self, message):  # type: ignore[no-untyped-def]
+        if not self.sent:
+            with self.db.transaction() as s:
+                s.get(Account, self.opted_out).opt_out_email = True
+                s.get(Account, self.paused).paused = True
+        return super().send(message)
+
+
+def test_an_account_that_changes_while_the_batch_sends_is_not_written_to(db, org, clock):
+    now = clock.now()
+    _setup(db, org, now, [("email", "t", 0), ("email", "p", 3)])
+    first, opted_out, paused = _debtors(db, org, now, 3, "LATE")
+    remote = ChangesAccounts(db, opted_out, paused)
+    tick(db, now=now, providers=ByOrg({org.id: remote}), organization_id=org.id)
+    with db.transaction() as s:
+        qi = {a: s.scalars(select(QueueItem.id).where(QueueItem.account_id == a)).first() for a in (first, opted_out, paused)}
+        assert remote.sent == [f"qi-{qi[first]}"]  # the other two were withheld at the last moment
+        assert [(i[0], i[1], i[3]) for i in items(s, opted_out)][0] == (0, "skipped", "opt_out")
+        assert s.get(Account, opted_out).case_next_stage == 1  # an opt-out moves the case on, as at batch start
+        assert [(i[0], i[1], i[3]) for i in items(s, paused)] == [(0, "cancelled", "account_paused")]
+        assert ("skipped", 0, "opt_out") in log(s, opted_out)
+        assert ("cancelled", 0, "account_paused") in log(s, paused)
+        assert s.scalars(select(Interaction.account_id).where(Interaction.account_id.in_([opted_out, paused]))).all() == []

@@ -5,16 +5,19 @@ from __future__ import annotations
 
 from datetime import UTC, date, datetime, timedelta
 
+import pytest
 from sqlalchemy import select
 
 from duecourse.channels.models import SandboxMessage
-from duecourse.engine.cycle import tick
-from duecourse.engine.dispatch import claim, process_item, recover_expired_leases
+from duecourse.engine.cycle import run_scheduled, tick
+from duecourse.engine.dispatch import claim, process_item, recover_expired_leases, run_due
 from duecourse.engine.enqueue import enqueue
-from duecourse.engine.models import QueueItem, Task
+from duecourse.engine.models import ExecutionLogEntry, Interaction, QueueItem, Task
 from duecourse.ledger.models import Account
 from duecourse.messaging.models import Template
+from duecourse.strategies.models import Strategy
 from duecourse.tenancy import service as tenancy
+from duecourse.tenancy.models import Organization
 from duecourse.tenancy.principal import Principal
 from tests.engine_helpers import debtor, items, log, refresh, strategy
 
@@ -294,3 +297,112 @@ def test_a_later_stage_never_overtakes_one_waiting_for_its_outcome(db, org, cloc
         enqueue(s, organization_id=org.id, now=clock.now(), cause="test")
     tick(db, now=clock.now())
     assert [m[0] for m in outbox(db, a_id)] == ["email"]
+
+
+def test_a_frequency_limit_of_zero_closes_the_channel_and_the_case_moves_on(db, org, clock):
+    now = clock.now()
+    _setup(db, org, now, [("sms", "t", 0), ("email", "p", 0)])
+    org.patch("/api/v1/settings", json={"dispatch": {"frequency_limits": {"overall": {"per_day": 5}, "sms": {"per_day": 0}}}})
+    with db.transaction() as s:
+        a_id = debtor(s, org.id, now, "ZERO", due=date(2026, 3, 1)).id
+        refresh(s, org.id, now)
+    r = tick(db, now=now)
+    # No time would ever allow the SMS: skipped with its reason (no retry item), and the case advances.
+    # (The email stage, due too, waits behind it: stage order.)
+    assert r["dispatch"] == {"skipped": 1, "deferred": 1}
+    with db.transaction() as s:
+        assert [(i[0], i[1], i[3]) for i in items(s, a_id) if i[0] == 0] == [(0, "skipped", "frequency_limit")]
+        assert s.get(Account, a_id).case_next_stage == 1
+        assert ("skipped", 0, "frequency_limit") in log(s, a_id) and ("advanced", 1, None) in log(s, a_id)
+        entry = s.scalars(select(ExecutionLogEntry).where(ExecutionLogEntry.account_id == a_id,
+                                                          ExecutionLogEntry.event == "skipped")).one()
+        assert entry.details == {"limit": 0}
+    clock.advance(minutes=5)
+    with db.transaction() as s:
+        enqueue(s, organization_id=org.id, now=clock.now(), cause="test")
+    assert tick(db, now=clock.now())["dispatch"] == {"dispatched": 1}
+    assert [m[0] for m in outbox(db, a_id)] == ["email"]
+
+
+def _edit_stage(db, strategy_id, index, *, action=None, template=None, remove=False):
+    """What editing the strategy does to its stage rows (strategies.service._apply): kept by position."""
+    with db.transaction() as s:
+        st = s.get(Strategy, strategy_id)
+        stage = st.stages[index]
+        if remove:
+            st.stages.remove(stage)
+        else:
+            stage.action_type, stage.template_id = action, template
+
+
+def test_a_stage_edited_after_enqueue_is_never_sent_through_its_old_channel(db, org, clock):
+    now = clock.now()
+    sid = _setup(db, org, now, [("sms", "t", 0)])
+    with db.transaction() as s:
+        a_id = debtor(s, org.id, now, "EDIT", due=date(2026, 3, 1)).id
+        refresh(s, org.id, now)
+        email_template = s.scalars(select(Template.id).where(Template.channel == "email")).one()
+    with db.transaction() as s:
+        run_scheduled(s, org=s.get(Organization, org.id), now=now, worker="scheduler")  # the SMS item, not sent yet
+    _edit_stage(db, sid, 0, action="email", template=email_template)
+    r = tick(db, now=now)
+    with db.transaction() as s:
+        got = [(i[0], i[1], i[3]) for i in items(s, a_id)]
+        assert got[0] == (0, "cancelled", "stage_changed")
+        assert ("cancelled", 0, "stage_changed") in log(s, a_id)
+    assert r["dispatch"].get("cancelled") == 1
+    # The email template never went out as an SMS; the stage comes back as it is now.
+    with db.transaction() as s:
+        enqueue(s, organization_id=org.id, now=now, cause="test")
+    tick(db, now=now)
+    assert [m[0] for m in outbox(db, a_id)] == ["email"]
+
+
+def test_a_stage_removed_after_enqueue_is_cancelled_not_a_failed_batch(db, org, clock):
+    now = clock.now()
+    sid = _setup(db, org, now, [("email", "t", 0), ("email", "p", 0)])
+    org.patch("/api/v1/settings", json={"dispatch": {"frequency_limits": {"overall": {"per_day": 5}}}})
+    with db.transaction() as s:
+        a_id = debtor(s, org.id, now, "GONE", due=date(2026, 3, 1)).id
+        refresh(s, org.id, now)
+    with db.transaction() as s:
+        run_scheduled(s, org=s.get(Organization, org.id), now=now, worker="scheduler")
+        assert [i[0] for i in items(s, a_id)] == [0, 1]
+    _edit_stage(db, sid, 1, remove=True)
+    r = tick(db, now=now)
+    assert r["dispatch"] == {"dispatched": 1, "cancelled": 1}
+    with db.transaction() as s:
+        assert [(i[0], i[1], i[3]) for i in items(s, a_id)] == [(0, "completed", None), (1, "cancelled", "stage_changed")]
+    assert len(outbox(db, a_id)) == 1
+
+
+class _MovingClock:
+    """A clock that moves on by seven minutes each time it is read (a worker's backlog takes time)."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def now(self):
+        self.at += timedelta(minutes=7)
+        return self.at
+
+
+def test_a_worker_reads_the_clock_again_for_every_batch(db, org, clock):
+    now = clock.now()
+    _setup(db, org, now, [("email", "t", 0)])
+    with db.transaction() as s:
+        ids = [debtor(s, org.id, now, f"CLK{i}", due=date(2026, 3, 1)).id for i in range(3)]
+        refresh(s, org.id, now)
+    with db.transaction() as s:
+        run_scheduled(s, org=s.get(Organization, org.id), now=now, worker="scheduler")
+    with pytest.raises(TypeError):
+        run_due(db, worker="w")  # neither a time nor a clock
+    moving = _MovingClock(now)
+    assert run_due(db, clock=moving, worker="w", batch=1) == {"dispatched": 3}
+    with db.transaction() as s:
+        sent = s.execute(select(Interaction.occurred_at, QueueItem.finished_at).join(
+            QueueItem, QueueItem.id == Interaction.queue_item_id).where(Interaction.account_id.in_(ids))
+            .order_by(Interaction.occurred_at)).all()
+    # Each batch at the time it ran (7, 14 and 21 minutes on), not the loop's first reading.
+    assert [at for at, _ in sent] == [now + timedelta(minutes=7 * k) for k in (1, 2, 3)]
+    assert all(at == finished for at, finished in sent)

@@ -9,10 +9,10 @@ message known to be sent is not sent twice.
 A claimed batch is handled in one transaction (one commit for up to ``batch`` items). Providers that
 write in the database (the sandbox) send inside it. Providers that talk to the network never do:
 their messages are rendered in the batch transaction, sent afterwards with no transaction open
-(one thread per organization and channel, so a slow provider holds up only its own messages), their
-provider references journaled at once, and the interaction and case advance recorded in a second
-transaction. An item whose send is journaled is never sent again, even if its worker dies before
-recording it. A provider that fails with a retryable error stops being called for its organization
+(one thread per organization and channel, so a slow provider holds up only its own messages), each
+withheld if its account changed meanwhile (``_still_sendable``), their provider references journaled
+at once, and the interaction and case advance recorded in a second transaction. An item whose send
+is journaled is never sent again, even if its worker dies before recording it. A provider that fails with a retryable error stops being called for its organization
 and channel for a cool-down; its items wait without spending attempts.
 """
 
@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session
 from duecourse.campaigns.models import Campaign
 from duecourse.channels.base import OutboundMessage, Provider, ProviderError
 from duecourse.channels.registry import Providers
+from duecourse.clock import Clock
 from duecourse.db.base import UTCDateTime
 from duecourse.db.dialect import claim_update, dialect_name, id_in
 from duecourse.engine import dispatch_rows
@@ -47,7 +48,7 @@ from duecourse.engine.models import (
     TaskStatus,
 )
 from duecourse.engine.stages import waits_for_reply
-from duecourse.engine.timing import earliest_within_limit, into_allowed_hours, is_allowed, local_date
+from duecourse.engine.timing import NEVER, earliest_within_limit, into_allowed_hours, is_allowed, local_date
 from duecourse.ledger.models import CONTACTABLE_STATUSES, Account, AccountStatus, CollectionTab, Invoice
 from duecourse.messaging import rendering
 from duecourse.messaging.models import Template
@@ -147,6 +148,9 @@ class _Send:
     message: OutboundMessage
     provider_ref: str | None = None
     error: ProviderError | None = None
+    # Not sent: the account changed after the batch decided (``_still_sendable``); decided again
+    # when the batch is recorded.
+    withheld: bool = False
 
 
 @dataclass
@@ -362,6 +366,12 @@ def _revalidate(ctx: _Ctx) -> str | None:
         return _cancel(ctx, "account_paused")
     if ctx.strategy is None or not ctx.strategy.active:
         return _cancel(ctx, "strategy_inactive")
+    stages = ctx.strategy.stages
+    if item.stage_index >= len(stages) or str(stages[item.stage_index].action_type) != str(item.action):
+        # The strategy was edited since the item was enqueued: its stage is gone or is now another
+        # action. Never send a stage's new template through the old channel; the next enqueue
+        # brings the stage as it is now.
+        return _cancel(ctx, "stage_changed")
     if a.campaign_id is not None and not _campaign_open(ctx, a.campaign_id):
         return _cancel(ctx, "campaign_inactive")
     contactable = a.status in CONTACTABLE_STATUSES or (item.is_callback and a.status == AccountStatus.callback_pending)
@@ -403,12 +413,15 @@ def _campaign_open(ctx: _Ctx, campaign_id: int) -> bool:
     return known[campaign_id]
 
 
-def _skip(ctx: _Ctx, reason: str, *, advance_case: bool, retry_at: datetime | None = None) -> str:
+def _skip(
+    ctx: _Ctx, reason: str, *, advance_case: bool, retry_at: datetime | None = None, details: dict[str, Any] | None = None
+) -> str:
     """§4.7: a refused dispatch is ``skipped`` with its reason; opt-outs advance the case, limits and
     hours re-schedule the same stage."""
     item, a = ctx.item, ctx.account
     _finish(ctx, QueueStatus.skipped, reason)
-    details = {"retry_at": retry_at.isoformat()} if retry_at else None
+    if retry_at:
+        details = {**(details or {}), "retry_at": retry_at.isoformat()}
     log_event(ctx.session, a, at=ctx.now, event="skipped", stage_index=item.stage_index, queue_item_id=item.id,
               reason=reason, cause="dispatch_rule", details=details)
     if retry_at is not None:
@@ -460,6 +473,9 @@ def _dispatch_rules(ctx: _Ctx) -> str | None:
     )
     # A return call the debtor asked for keeps its time: the limit protects debtors from us, not
     # from the call they requested.
+    if earliest == NEVER and not ctx.item.is_callback:
+        # A limit of 0 closes the channel (or all of them): no later time would allow this stage.
+        return _skip(ctx, "frequency_limit", advance_case=True, details={"limit": 0})
     if earliest > ctx.now and not ctx.item.is_callback:
         retry_at = into_allowed_hours(earliest, tz=tz, start=hours.start, end=hours.end, days=hours.days)
         return _skip(ctx, "frequency_limit", advance_case=False, retry_at=retry_at)
@@ -664,15 +680,28 @@ def _fail(ctx: _Ctx, error: str, *, retryable: bool, reason: str = "provider_err
 def run_due(
     db: Any,
     *,
-    now: datetime,
     worker: str,
+    now: datetime | None = None,
+    clock: Clock | None = None,
     batch: int = DEFAULT_BATCH,
     providers: ProviderFactory = sandbox_providers,
     organization_id: int | None = None,
 ) -> dict[str, int]:
-    """Claim and process due items until none is left, a batch per transaction. Returns counters."""
+    """Claim and process due items until none is left, a batch per transaction. Returns counters.
+
+    Give ``clock`` or ``now``. With ``clock`` (a worker) every batch reads the time again: working
+    through a backlog can take minutes, and a claim's lease, the allowed hours and the times
+    recorded must be those of the batch; with a time taken once, a worker still looping after
+    five minutes would claim items whose leases had already expired for every other worker, which
+    would take them and send them too. ``now`` handles every batch at that instant (``tick --at``,
+    simulations and tests, where time stands still)."""
+    if (now is None) == (clock is None):
+        raise TypeError("run_due needs exactly one of now and clock")
     counts: dict[str, int] = {}
     while True:
+        if clock is not None:
+            now = clock.now()
+        assert now is not None
         with db.transaction() as session:
             recover_expired_leases(session, now=now)
             ids = claim(session, now=now, worker=worker, limit=batch, organization_id=organization_id)
@@ -733,6 +762,9 @@ def _send_all(db: Any, sends: list[_Send], *, now: datetime) -> None:
             if broken is not None:
                 send.error = ProviderError(f"not tried: {broken}", retryable=True)
                 continue
+            if not _still_sendable(db, send):
+                send.withheld = True
+                continue
             try:
                 send.provider_ref = send.provider.send(send.message).provider_ref
             except ProviderError as exc:
@@ -751,6 +783,37 @@ def _send_all(db: Any, sends: list[_Send], *, now: datetime) -> None:
         return
     with ThreadPoolExecutor(max_workers=min(8, len(groups)), thread_name_prefix="duecourse-send") as pool:
         list(pool.map(run, groups.values()))
+
+
+def _still_sendable(db: Any, send: _Send) -> bool:
+    """Read the account again just before its message leaves: the batch decided up to a hundred
+    sends earlier (minutes, with a slow provider), and meanwhile the debtor may have unsubscribed
+    or paid, or someone blocked or paused the account, or the strategy was switched off. Any of
+    those withholds the message; recording the batch then decides again with everything stored.
+    (A read that fails lets the message go: the batch's own checks passed.)"""
+    item = QueueItem.__table__.c
+    account = Account.__table__.c
+    strategy = Strategy.__table__.c
+    try:
+        with db.transaction() as session:
+            row = session.execute(
+                select(account.status, account.balance, account.blocked, account.paused, account.case_number,
+                       account.strategy_id, account[f"opt_out_{send.channel}"], account[INVALID_FLAG[send.channel]],
+                       item.case_number.label("item_case"), item.strategy_id.label("item_strategy"), strategy.active)
+                .select_from(QueueItem.__table__.join(Account.__table__, account.id == item.account_id)
+                             .outerjoin(Strategy.__table__, strategy.id == item.strategy_id))
+                .where(item.id == send.item_id)
+            ).one_or_none()
+    except Exception:  # noqa: BLE001
+        log.exception("re-reading the account of queue item %s before its send failed", send.item_id)
+        return True
+    if row is None:
+        return False  # the item (with its account) was deleted
+    status, balance, blocked, paused, case_number, strategy_id, opted_out, invalid, item_case, item_strategy, active = row
+    return not (
+        status == AccountStatus.resolved or balance <= 0 or blocked or paused or opted_out or invalid
+        or case_number != item_case or strategy_id != item_strategy or not active
+    )
 
 
 def _journal(db: Any, send: _Send, *, now: datetime) -> None:
@@ -800,6 +863,15 @@ def _record(session: Session, send: _Send, *, now: datetime, worker: str) -> str
                _get(session, Strategy, item.strategy_id) if item.strategy_id else None, now)
     if send.provider_ref is not None:
         return _record_sent(ctx, send.provider_ref)
+    if send.withheld:
+        # The account changed while the batch's messages went out: the same decisions as at the
+        # start of a batch, with what is stored now (cancelled or skipped with the reason); if none
+        # refuses any more, the item simply waits for the next batch.
+        refused = _revalidate(ctx) or (_dispatch_rules(ctx) if item.action in CONTACT_CHANNELS else None)
+        if refused is not None:
+            return refused
+        _release(ctx)
+        return "released"
     assert send.error is not None
     if str(send.error).startswith("not tried: "):
         return _hold(ctx, now + timedelta(seconds=BREAKER_SECONDS))

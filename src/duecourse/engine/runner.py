@@ -94,7 +94,7 @@ def run_loop(
             if scheduler:
                 scheduler_pass(db, now=clock.now(), worker=name, last_run=last_run)
             if worker:
-                counts = run_due(db, now=clock.now(), worker=name, providers=providers, batch=settings.dispatch_batch)
+                counts = run_due(db, clock=clock, worker=name, providers=providers, batch=settings.dispatch_batch)
                 if counts:
                     log.info("worker %s", counts)
                 try:  # outbound events (SPEC §7): their own pass, so a slow receiver never stops the engine

@@ -91,6 +91,10 @@ def is_allowed(at: datetime, *, tz: str, start: str, end: str, days: Sequence[st
     return into_allowed_hours(at, tz=tz, start=start, end=end, days=days) == at
 
 
+# What ``earliest_within_limit`` answers for a limit of 0: no time ever allows a contact.
+NEVER = datetime.max.replace(tzinfo=UTC)
+
+
 def earliest_within_limit(
     now: datetime, contacts: Sequence[datetime], *, per_day: int | None, per_week: int | None
 ) -> datetime:
@@ -104,7 +108,7 @@ def earliest_within_limit(
         if limit is None:
             continue
         if limit <= 0:
-            return datetime.max.replace(tzinfo=UTC)
+            return NEVER
         recent = sorted(c for c in contacts if c > now - window)
         excess = len(recent) - limit + 1
         if excess > 0:
