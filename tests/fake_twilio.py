@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import socket
 import threading
 import time
 import uuid
@@ -127,6 +128,10 @@ class FakeTwilio:
             self.requests.append(Recorded("POST", handler.path, auth, form, dict(handler.headers.items())))
         if self.mode == "slow":
             time.sleep(self.slow_seconds)
+        if self.mode == "drop":  # read the request, then close the connection without an answer
+            handler.close_connection = True
+            handler.connection.shutdown(socket.SHUT_RDWR)
+            return None
         if self.mode == "down":
             return self._reply(handler, 500, self._error(20500, "Internal Server Error", 500))
         if self.mode == "rate_limited":

@@ -153,13 +153,23 @@ def test_outages_and_rate_limits_are_retryable(fake, mode, what):
     assert err.value.retryable is True and err.value.invalid_address is False and what in str(err.value)
 
 
-def test_timeouts_and_refused_connections_are_retryable(fake):
+def test_an_unanswered_request_is_not_retried_and_a_refused_connection_is(fake):
+    # Twilio received the request and did not answer in time: it may have sent the message, and
+    # the Messages API has no idempotency key, so another attempt could send it twice.
     fake.mode, fake.slow_seconds = "slow", 1.5
     started = time.monotonic()
     with pytest.raises(ProviderError) as err:
         _provider(fake, timeout=0.3).send(_message())
     assert time.monotonic() - started < 1.4
-    assert err.value.retryable is True and "did not answer within 0.3 s" in str(err.value)
+    assert err.value.retryable is False and "did not answer within 0.3 s" in str(err.value)
+    assert "may have been sent" in str(err.value)
+    # The same when the connection is closed after the request, without an answer.
+    fake.mode = "drop"
+    with pytest.raises(ProviderError) as err:
+        _provider(fake).send(_message())
+    assert err.value.retryable is False and "without an answer" in str(err.value)
+    assert len(fake.requests) == 2
+    # Nothing reached Twilio: safe to try again.
     closed = FakeTwilio()  # bound, never serving: then closed, so the port refuses connections
     base = closed.base_url
     closed._server.server_close()

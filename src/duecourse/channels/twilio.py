@@ -11,7 +11,11 @@ Errors become :class:`ProviderError`:
   ``invalid_address=True`` (the engine flags the account's contact data);
 * 21610, the recipient replied STOP to this sender: not retryable, not an invalid address;
 * any other 4xx: not retryable (the request or the configuration is wrong; retrying sends the same);
-* 429, 5xx, timeouts and connection errors: retryable.
+* 429, 5xx, and a request that never reached Twilio (no connection, a connection or write
+  timeout): retryable;
+* a request Twilio may have received but did not answer (a read timeout, a connection dropped
+  before the answer): not retryable. The Messages API has no idempotency key, so a retry could
+  send the message twice; the error says it may have been sent.
 
 Twilio signs every request it makes to us (status callbacks, inbound messages) with
 ``X-Twilio-Signature``: base64 of HMAC-SHA1, keyed with the auth token, over the full URL followed by
@@ -58,6 +62,11 @@ def _with_prefix(number: str, whatsapp: bool) -> str:
     return number
 
 
+# Failures after which Twilio cannot have received the request (a write cut short leaves an
+# incomplete request, which the server discards).
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.WriteError, httpx.WriteTimeout)
+
+
 class TwilioProvider:
     """One organization's Twilio-compatible sender for one channel (``sms`` or ``whatsapp``)."""
 
@@ -102,9 +111,19 @@ class TwilioProvider:
                     self.messages_url, data=data, auth=(self.account_sid, self.auth_token),
                     headers={"Accept": "application/json"},
                 )
+        except _NOT_SENT as exc:  # nothing reached Twilio: another attempt is safe
+            raise ProviderError(f"Twilio unreachable: {type(exc).__name__}: {exc}") from None
         except httpx.TimeoutException as exc:
-            raise ProviderError(f"Twilio did not answer within {self.timeout:g} s ({type(exc).__name__})") from None
-        except httpx.HTTPError as exc:  # connection refused, DNS, TLS, protocol errors
+            raise ProviderError(
+                f"Twilio did not answer within {self.timeout:g} s ({type(exc).__name__}); the message may have "
+                "been sent, so it is not sent again", retryable=False,
+            ) from None
+        except (httpx.ReadError, httpx.RemoteProtocolError) as exc:
+            raise ProviderError(
+                f"Twilio closed the connection without an answer ({type(exc).__name__}); the message may have "
+                "been sent, so it is not sent again", retryable=False,
+            ) from None
+        except httpx.HTTPError as exc:  # DNS, TLS, proxy and other errors before the request went out
             raise ProviderError(f"Twilio unreachable: {type(exc).__name__}: {exc}") from None
         return self._answer(response)
 
