@@ -3,6 +3,7 @@ optional AUTH, a recipient it refuses. Every accepted message is kept, parsed, i
 
 from __future__ import annotations
 
+import asyncio
 import email
 import socket
 import ssl
@@ -39,6 +40,8 @@ class Received:
 class Handler:
     refuse: set[str] = field(default_factory=lambda: {REFUSED})
     messages: list[Received] = field(default_factory=list)
+    # Keep the message, then wait this long before answering the end of DATA (client timeouts).
+    slow_data_seconds: float = 0.0
 
     async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: Any) -> str:
         if address in self.refuse:
@@ -53,6 +56,8 @@ class Handler:
             message=email.message_from_bytes(envelope.original_content, policy=policy.default),  # type: ignore[arg-type]
             login=login, tls=server.transport.get_extra_info("ssl_object") is not None,
         ))
+        if self.slow_data_seconds:
+            await asyncio.sleep(self.slow_data_seconds)
         return "250 Message accepted for delivery"
 
 

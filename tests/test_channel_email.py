@@ -242,6 +242,17 @@ def test_silent_server_times_out_and_is_retryable():
     assert exc.value.retryable is True and "timed out" in str(exc.value)
 
 
+def test_a_message_the_server_has_whole_but_never_confirms_is_not_sent_again(plain):
+    # The server keeps the message and does not answer the end of DATA in time: it may deliver it,
+    # so a retry could deliver it twice.
+    plain.handler.slow_data_seconds = 1.5
+    env = ProviderEnv(1, "email", "http://x", timeout_seconds=0.5)
+    with pytest.raises(ProviderError) as exc:
+        SmtpProvider(settings_for(plain), {}, env).send(message())
+    assert exc.value.retryable is False and "may have been delivered" in str(exc.value)
+    assert len(plain.handler.messages) == 1
+
+
 def test_invalid_recipient_address_is_refused_before_connecting(plain):
     with pytest.raises(ProviderError) as exc:
         SmtpProvider(settings_for(plain), {}, ENV).send(message(to="not an address"))

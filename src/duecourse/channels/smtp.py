@@ -22,7 +22,9 @@ copy matches the queue item.
 **Errors** become :class:`ProviderError`: a refused recipient (5xx to RCPT) is
 ``retryable=False, invalid_address=True``; other 5xx answers, authentication failures, TLS and
 configuration problems are ``retryable=False``; connection failures, timeouts and 4xx answers are
-``retryable=True``. The password never appears in an error or a log line.
+``retryable=True``, except a timeout or a dropped connection after the whole message was sent
+(the server may deliver it: not retried, so it is not delivered twice). The password never appears
+in an error or a log line.
 
 **Trusted certificates.** The server's certificate is verified against the system's CA store, or
 only against the PEM bundle named by ``DUECOURSE_SMTP_CA_FILE`` when that variable is set (a relay
@@ -236,15 +238,37 @@ class SmtpProvider:
             smtp = _connect(self.cfg, self._password, self.timeout)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a ProviderError
             raise _error(exc, self.cfg, scrub) from None
+        whole_message_sent = _watch_for_end_of_data(smtp)
         try:
             smtp.send_message(msg, from_addr=self.cfg.from_address, to_addrs=[msg["To"].addresses[0].addr_spec])
         except Exception as exc:  # noqa: BLE001
             err = _error(exc, self.cfg, scrub)
+            if whole_message_sent() and not isinstance(exc, smtplib.SMTPResponseException):
+                # The server has the whole message and did not answer (a timeout, a dropped
+                # connection): it may deliver it, and a retry could deliver it twice.
+                err = ProviderError(f"{err}, after the whole message was sent; it may have been delivered, "
+                                    "so it is not sent again", retryable=False)
             _close(smtp)
             raise err from None
         _close(smtp)  # the message is accepted: a failing QUIT changes nothing
         log.info("smtp: sent %s to account %s via %s:%s", ref, message.account_id, self.cfg.host, self.cfg.port)
         return SendResult(provider_ref=ref)
+
+
+def _watch_for_end_of_data(smtp: smtplib.SMTP) -> Any:
+    """Wrap the connection's ``send`` to notice when the message body, with its terminating
+    ``CRLF . CRLF`` (what ``smtplib.SMTP.data`` sends last), has gone out. Returns a function that
+    tells whether it has."""
+    sent = [False]
+    send = smtp.send
+
+    def watching_send(data: Any) -> None:
+        send(data)
+        if isinstance(data, bytes) and data.endswith(b"\r\n.\r\n"):
+            sent[0] = True
+
+    smtp.send = watching_send  # type: ignore[method-assign]
+    return lambda: sent[0]
 
 
 def check_connection(settings: dict[str, Any], secrets: dict[str, str], timeout: float) -> str | None:
