@@ -6,12 +6,13 @@ from __future__ import annotations
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
+import pytest
 from sqlalchemy import select
 
 from duecourse.channels.models import SandboxMessage
 from duecourse.engine.cycle import tick
 from duecourse.engine.models import ExecutionLogEntry, QueueItem, Task
-from duecourse.ledger.models import Account, Payment, Promise
+from duecourse.ledger.models import Account, Invoice, Payment, Promise
 from tests.engine_helpers import debtor, items, log, refresh
 from tests.test_engine_dispatch import _setup
 
@@ -141,6 +142,30 @@ def test_adaptive_timing_after_a_hostile_call_is_logged(db, org, clock):
         assert nxt.scheduled_at.date() == date(2026, 3, 10) and nxt.tone == "empathetic"
 
 
+def test_an_adjusted_delay_and_tone_apply_to_the_next_stage_only(db, org, clock):
+    now = clock.now()  # Monday 2026-03-02
+    _setup(db, org, now, [("voice", "t", 0), ("email", "p", 4), ("email", "p", 7)])
+    aid = _new(db, org, now, "ONCE")
+    tick(db, now=now)
+    org.post("/api/v1/outcomes/call", role="manager",
+             json={"queue_item_id": _item(db, aid, 0), "outcome": "refused", "sentiment": "hostile", "willingness": 1})
+    clock.advance(days=1)
+    tick(db, now=clock.now())
+    with db.transaction() as s:
+        nxt = s.scalars(select(QueueItem).where(QueueItem.account_id == aid, QueueItem.stage_index == 1)).one()
+        assert nxt.scheduled_at.date() == date(2026, 3, 10) and nxt.tone == "empathetic"  # 4 days doubled
+    clock.set(utc(2026, 3, 10, 9))
+    assert tick(db, now=clock.now())["dispatch"] == {"dispatched": 1}
+    acct = _account(db, aid)
+    assert (acct.case_next_stage, acct.case_next_delay_days, acct.case_tone_override) == (2, None, None)
+    clock.set(utc(2026, 3, 11, 9))
+    tick(db, now=clock.now())
+    with db.transaction() as s:
+        last = s.scalars(select(QueueItem).where(QueueItem.account_id == aid, QueueItem.stage_index == 2)).one()
+    # The stage after it keeps its own 7 days and its own tone: not 8 days, not empathetic.
+    assert last.scheduled_at.date() == date(2026, 3, 17) and last.tone == "standard"
+
+
 def test_promise_kept_and_promise_broken_on_a_finished_sequence(db, org, clock):
     now = clock.now()
     _setup(db, org, now, [("voice", "t", 0)])
@@ -195,6 +220,40 @@ def test_agent_task_outcome_completes_the_stage(db, org, clock):
     assert again.status_code == 409
     with db.transaction() as s:
         assert s.scalars(select(Promise)).one().amount == Decimal("50")
+
+
+def _second_invoice(db, org, aid, now):
+    with db.transaction() as s:
+        a = s.get(Account, aid)
+        inv = Invoice(organization_id=org.id, account_id=aid, external_id=f"{a.external_id}-2", number=f"{a.external_id}-2",
+                      currency=a.currency, total=Decimal("40.00"), issue_date=date(2026, 2, 15), due_date=date(2026, 3, 15),
+                      created_at=now, updated_at=now)
+        s.add(inv)
+        s.flush()
+        first = a.carrying_invoice_id
+        refresh(s, org.id, now)
+        return first, inv.id
+
+
+@pytest.mark.parametrize("action", ["voice", "phone_call"])
+def test_a_dispute_from_a_call_or_an_agent_task_takes_the_invoice_out_of_collection(db, org, clock, action):
+    now = clock.now()
+    _setup(db, org, now, [(action, "t", 0), ("email", "p", 3)])
+    aid = _new(db, org, now, "DISPUTE")
+    tick(db, now=now)
+    first, second = _second_invoice(db, org, aid, now)
+    if action == "voice":
+        r = org.post("/api/v1/outcomes/call", role="manager", json={"queue_item_id": _item(db, aid, 0), "outcome": "dispute"})
+        assert r.json() == {"result": "completed"}
+    else:
+        with db.transaction() as s:
+            task_id = s.scalars(select(Task.id).where(Task.account_id == aid)).one()
+        assert org.post(f"/api/v1/tasks/{task_id}/outcome", role="agent", json={"outcome": "dispute"}).status_code == 200
+    with db.transaction() as s:
+        assert s.get(Invoice, first).disputed is True and s.get(Invoice, second).disputed is False
+        acct = s.get(Account, aid)
+        assert acct.carrying_invoice_id == second and acct.balance == Decimal("40.00")
+        assert ("dispute", 0, None) in log(s, aid)
 
 
 def test_outcome_inputs_are_validated_and_scoped(db, org, other_org, clock):

@@ -54,9 +54,17 @@ def log_event(
     )
 
 
-def advance(session: Session, account: Account, *, completed_stage: int, stage_count: int, org_tz: str, now: datetime, cause: str) -> None:
-    """The stage is done: the case moves to the next stage, or the sequence is completed (§4.1)."""
+def advance(session: Session, account: Account, *, completed_stage: int, stage_count: int, org_tz: str, now: datetime,
+            cause: str, keep_adjustment: bool = False) -> None:
+    """The stage is done: the case moves to the next stage, or the sequence is completed (§4.1).
+
+    An adjustment of the next stage's delay and tone (adaptive timing after a call, the immediate
+    next stage after a delivery failure, §4.8) applies to that one stage only: advancing clears it,
+    unless the caller has just set it for the stage it advances to (``keep_adjustment``)."""
     nxt = completed_stage + 1
+    if not keep_adjustment:
+        account.case_next_delay_days = None
+        account.case_tone_override = None
     account.case_next_stage = nxt
     account.case_prev_completed_at = now
     account.case_prev_completed_on = local_date(now, org_tz)

@@ -219,7 +219,10 @@ def _signals(report: CallReport) -> str:
 
 
 def _adaptive_timing(session: Session, account: Account, *, completed_stage: int, report: CallReport, now: datetime) -> None:
-    """§4.8: after a voice conversation, shorten or lengthen the next stage's delay; log it."""
+    """§4.8: after a voice conversation, shorten or lengthen the next stage's delay; log it. Whatever
+    adjusted the stage just completed does not carry over to the next one."""
+    account.case_next_delay_days = None
+    account.case_tone_override = None
     stages = _stages(session, account.strategy_id)
     nxt = completed_stage + 1
     signal = _signals(report)
@@ -295,14 +298,11 @@ def _apply_conversation(session: Session, account: Account, *, item: QueueItem, 
                      at=report.callback_at, is_callback=True)
         refresh_account_tab(session, account)
         return "callback"
-    if report.outcome == Outcome.dispute and account.carrying_invoice_id is not None:
-        invoice = session.get(Invoice, account.carrying_invoice_id)
-        if invoice is not None:
-            invoice.disputed = True
-            log_event(session, account, at=now, event="dispute", stage_index=item.stage_index,
-                      details={"invoice_id": invoice.id, "number": invoice.number})
+    if report.outcome == Outcome.dispute:
+        _dispute_carrying_invoice(session, account, stage_index=item.stage_index, now=now)
     _adaptive_timing(session, account, completed_stage=item.stage_index, report=report, now=now)
     advance(session, account, completed_stage=item.stage_index, stage_count=len(stages), org_tz=org.timezone, now=now,
+            keep_adjustment=True,
             cause=str(report.outcome) if report.outcome else "call_completed")
     if report.outcome == Outcome.promise_to_pay:
         assert report.promise_amount is not None and report.promise_date is not None
@@ -313,9 +313,26 @@ def _apply_conversation(session: Session, account: Account, *, item: QueueItem, 
         session.flush()
         promise_made(session, account=account, promise=promise, now=now)
     if report.outcome == Outcome.dispute:
-        refresh_accounts(session, organization_id=org.id, exclusions=get_settings(session, org.id).exclusions, now=now,
-                         account_ids=[account.id])
+        _refresh_after_dispute(session, account, now=now)
     return "completed"
+
+
+def _dispute_carrying_invoice(session: Session, account: Account, *, stage_index: int | None, now: datetime) -> None:
+    """§4.8 dispute (a call or an agent's task): the carrying invoice is marked disputed and leaves
+    collection; :func:`_refresh_after_dispute` then moves the case to the next undisputed invoice."""
+    if account.carrying_invoice_id is None:
+        return
+    invoice = session.get(Invoice, account.carrying_invoice_id)
+    if invoice is not None:
+        invoice.disputed = True
+        log_event(session, account, at=now, event="dispute", stage_index=stage_index,
+                  details={"invoice_id": invoice.id, "number": invoice.number})
+
+
+def _refresh_after_dispute(session: Session, account: Account, *, now: datetime) -> None:
+    org_id = account.organization_id
+    refresh_accounts(session, organization_id=org_id, exclusions=get_settings(session, org_id).exclusions, now=now,
+                     account_ids=[account.id])
 
 
 def _retry_or_advance(session: Session, account: Account, *, item: QueueItem, stage: Stage | None, org: Organization,
@@ -388,8 +405,12 @@ def record_task_outcome(session: Session, *, organization_id: int, task_id: int,
     if account.status == AccountStatus.callback_pending:
         account.status = AccountStatus.in_auto_management
         account.callback_at = None
+    if report.outcome == Outcome.dispute:
+        _dispute_carrying_invoice(session, account, stage_index=item.stage_index, now=now)
     advance(session, account, completed_stage=item.stage_index, stage_count=len(stages), org_tz=org.timezone, now=now,
             cause=f"task:{report.outcome}")
+    if report.outcome == Outcome.dispute:
+        _refresh_after_dispute(session, account, now=now)
     if report.outcome == Outcome.promise_to_pay:
         assert report.promise_amount is not None and report.promise_date is not None
         promise = Promise(organization_id=org.id, account_id=account.id, amount=report.promise_amount, currency=account.currency,
