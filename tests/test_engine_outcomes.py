@@ -121,6 +121,30 @@ def test_callback_fulfilled_and_callback_expired(db, org, clock):
         assert ("callback_expired", 0, None) in log(s, lapsed)
 
 
+def test_an_unanswered_return_call_waits_for_the_callback_to_expire_and_advances_once(db, org, clock):
+    now = clock.now()
+    _setup(db, org, now, [("voice", "t", 0), ("email", "p", 3), ("email", "p", 3)])
+    aid = _new(db, org, now, "CB-NOANSWER")
+    tick(db, now=now)
+    at = utc(2026, 3, 3, 15)
+    r = org.post("/api/v1/outcomes/call", role="manager",
+                 json={"queue_item_id": _item(db, aid, 0), "outcome": "callback_requested", "callback_at": at.isoformat()})
+    assert r.json() == {"result": "callback"}
+    clock.set(at)
+    assert tick(db, now=at)["dispatch"] == {"dispatched": 1}  # the return call
+    r = org.post("/api/v1/outcomes/call", role="manager", json={"queue_item_id": _item(db, aid, 0), "outcome": "no_answer"})
+    assert r.json() == {"result": "callback_unanswered"}
+    acct = _account(db, aid)
+    assert (acct.status, acct.case_next_stage, acct.callback_at) == ("callback_pending", 0, at)
+    clock.set(at + timedelta(hours=24, minutes=1))
+    assert tick(db, now=clock.now())["callbacks_expired"] == 1
+    acct = _account(db, aid)
+    assert (acct.status, acct.case_next_stage) == ("in_auto_management", 1)  # one stage on, not two
+    with db.transaction() as s:
+        events = [e[0] for e in log(s, aid)]
+        assert events.count("advanced") == 1 and "callback_unanswered" in events and "callback_expired" in events
+
+
 def test_adaptive_timing_after_a_hostile_call_is_logged(db, org, clock):
     now = clock.now()
     _setup(db, org, now, [("voice", "t", 0), ("email", "p", 4)])

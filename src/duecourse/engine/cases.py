@@ -62,6 +62,11 @@ def advance(session: Session, account: Account, *, completed_stage: int, stage_c
     next stage after a delivery failure, §4.8) applies to that one stage only: advancing clears it,
     unless the caller has just set it for the stage it advances to (``keep_adjustment``)."""
     nxt = completed_stage + 1
+    if account.status == AccountStatus.callback_pending:
+        # Whatever completed the stage (a delivery failure of the return call, say) ends the
+        # callback too; otherwise its expiry would advance the case a second time.
+        account.status = AccountStatus.in_auto_management
+        account.callback_at = None
     if not keep_adjustment:
         account.case_next_delay_days = None
         account.case_tone_override = None

@@ -265,6 +265,13 @@ def record_call_outcome(
     return _apply_conversation(session, account, item=item, report=report, now=now)
 
 
+def _waits_for_callback_expiry(account: Account, item: QueueItem) -> bool:
+    """§4.8: the return call the debtor asked for was not answered. That alone does not move the
+    case: if no conversation happens within the expiry after the callback time,
+    :func:`expire_callbacks` advances it (once)."""
+    return bool(item.is_callback) and account.status == AccountStatus.callback_pending
+
+
 def _fill(interaction: Interaction, report: CallReport, *, answered: bool) -> None:
     interaction.status = InteractionStatus.answered if answered else InteractionStatus.completed
     interaction.outcome = report.outcome
@@ -282,6 +289,10 @@ def _apply_conversation(session: Session, account: Account, *, item: QueueItem, 
     stages = _stages(session, account.strategy_id)
     stage = stages[item.stage_index] if item.stage_index < len(stages) else None
     if report.outcome in NO_CONVERSATION:
+        if _waits_for_callback_expiry(account, item):
+            log_event(session, account, at=now, event="callback_unanswered", stage_index=item.stage_index,
+                      queue_item_id=item.id, reason=str(report.outcome))
+            return "callback_unanswered"
         return _retry_or_advance(session, account, item=item, stage=stage, org=org, now=now, reason=str(report.outcome))
     if account.status == AccountStatus.callback_pending:
         account.status = AccountStatus.in_auto_management  # the callback happened
@@ -560,6 +571,8 @@ def expire_step_timeouts(session: Session, *, organization_id: int, now: datetim
                                                       QueueItem.stage_index == item.stage_index, QueueItem.id > item.id)):
             continue
         account = _account(session, item.account_id)
+        if _waits_for_callback_expiry(account, item):
+            continue  # the callback's own expiry decides
         log_event(session, account, at=now, event="step_timeout", stage_index=item.stage_index, queue_item_id=item.id)
         _retry_or_advance(session, account, item=item, stage=stage, org=org, now=now, reason="step_timeout")
         n += 1
