@@ -223,6 +223,33 @@ def test_promise_kept_and_promise_broken_on_a_finished_sequence(db, org, clock):
         assert [(i[0], i[1]) for i in items(s, breaker)][-1] == (0, "completed")  # the call went out again
 
 
+def test_a_reset_after_a_broken_promise_counts_its_stages_from_the_reset(db, org, clock):
+    now = clock.now()  # Monday 2026-03-02; the invoice fell due the day before
+    _setup(db, org, now, [("email", "t", 0), ("email", "t", 8)])
+    aid = _new(db, org, now, "AGAIN", total="300.00")
+    tick(db, now=now)
+    clock.set(utc(2026, 3, 10, 9))
+    tick(db, now=clock.now())  # the second email, 8 days after the anchor: the sequence is finished
+    assert _account(db, aid).status == "sequence_completed"
+    assert org.post("/api/v1/promises", json={"account_id": aid, "amount": "100.00", "promised_date": "2026-03-11"}).status_code == 201
+    clock.set(utc(2026, 3, 13, 9))  # promised date + grace passed, nothing paid: broken, then reset
+    r = tick(db, now=clock.now())
+    assert r["promises_broken"] == 1
+    acct = _account(db, aid)
+    assert (acct.status, acct.case_anchor_date) == ("in_auto_management", date(2026, 3, 13))
+    with db.transaction() as s:
+        assert ("reset", 0, None) in log(s, aid)
+        new_round = [i for i in s.scalars(select(QueueItem).where(QueueItem.account_id == aid, QueueItem.case_number == acct.case_number))]
+    # Stage 0 goes out at once; stage 1 waits its 8 days from the reset instead of following at once.
+    assert [(q.stage_index, q.status.value) for q in new_round] == [(0, "completed")]
+    clock.set(utc(2026, 3, 18, 9))
+    tick(db, now=clock.now())
+    with db.transaction() as s:
+        later = s.scalars(select(QueueItem).where(QueueItem.account_id == aid, QueueItem.case_number == acct.case_number,
+                                                  QueueItem.stage_index == 1)).one()
+    assert later.scheduled_at.date() == date(2026, 3, 23)  # Saturday the 21st, at Monday's slot (Mon–Fri automation)
+
+
 def test_agent_task_outcome_completes_the_stage(db, org, clock):
     now = clock.now()
     _setup(db, org, now, [("phone_call", "t", 0), ("email", "p", 1)])

@@ -232,8 +232,11 @@ def _restart_on_new_carrying_invoice(session: Session, plan: _Plan, *, campaign_
 
 def _reset_broken_promises(session: Session, plan: _Plan, eligible: ColumnElement[bool]) -> int:
     """§4.8: a ``promise_overdue`` account whose sequence had finished starts again at the first stage
-    (a new round of the case, so the earlier round's items do not count as taken)."""
+    (a new round of the case, so the earlier round's items do not count as taken). The round counts
+    its stages' days from the reset: with the old anchor every ``days_from_trigger`` stage would be
+    long due, and the whole sequence would go out again within days."""
     where = and_(eligible, Account.status == AccountStatus.promise_overdue.value, Account.case_sequence_finished.is_(True))
+    today = local_date(plan.now, plan.org.timezone)
     log_accounts(session, where=where, at=plan.now, event="reset", cause="broken_promise", stage_index=0)
     result = session.execute(
         update(Account)
@@ -243,12 +246,16 @@ def _reset_broken_promises(session: Session, plan: _Plan, eligible: ColumnElemen
             collection_tab=CollectionTab.engaged.value,
             case_number=Account.case_number + 1,
             case_next_stage=0,
-            case_opened_on=literal(local_date(plan.now, plan.org.timezone)),
+            case_opened_at=plan.now,
+            case_opened_on=literal(today),
+            case_anchor_date=literal(today),
             case_sequence_finished=False,
             case_prev_completed_at=None,
             case_prev_completed_on=None,
             case_next_delay_days=None,
+            case_tone_override=None,
             case_retry_count=0,
+            callback_at=None,
             updated_at=plan.now,
         )
         .execution_options(synchronize_session=False)
