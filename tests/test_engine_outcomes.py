@@ -307,6 +307,27 @@ def test_a_dispute_from_a_call_or_an_agent_task_takes_the_invoice_out_of_collect
         assert ("dispute", 0, None) in log(s, aid)
 
 
+def test_an_agents_open_call_task_is_cancelled_when_the_debtor_pays_or_promises(db, org, clock):
+    now = clock.now()
+    _setup(db, org, now, [("phone_call", "t", 0), ("email", "p", 3)])
+    payer = _new(db, org, now, "TASK-PAID")
+    promiser = _new(db, org, now, "TASK-PROMISE", phone="+34600111666")
+    tick(db, now=now)
+    with db.transaction() as s:
+        assert {t.account_id: t.status for t in s.scalars(select(Task))} == {payer: "open", promiser: "open"}
+    assert org.post("/api/v1/payments", role="agent", json={"account_id": payer, "amount": "100.00", "paid_on": "2026-03-02"}).status_code == 201
+    assert org.post("/api/v1/promises", json={"account_id": promiser, "amount": "50.00", "promised_date": "2026-03-10"}).status_code == 201
+    with db.transaction() as s:
+        tasks = {t.account_id: t for t in s.scalars(select(Task))}
+        assert {a: (t.status, t.completed_at) for a, t in tasks.items()} == {payer: ("cancelled", now), promiser: ("cancelled", now)}
+        entries = {e.account_id: (e.reason, e.queue_item_id) for e in s.scalars(
+            select(ExecutionLogEntry).where(ExecutionLogEntry.event == "task_cancelled"))}
+        assert entries == {payer: ("resolved", tasks[payer].queue_item_id), promiser: ("promise_pending", tasks[promiser].queue_item_id)}
+    # A cancelled task takes no outcome.
+    r = org.post(f"/api/v1/tasks/{tasks[payer].id}/outcome", role="agent", json={"outcome": "refused"})
+    assert r.status_code == 409
+
+
 def test_outcome_inputs_are_validated_and_scoped(db, org, other_org, clock):
     now = clock.now()
     _setup(db, org, now, [("email", "t", 0)])

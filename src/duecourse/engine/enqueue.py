@@ -51,7 +51,7 @@ from duecourse.engine.assign import (
     new_case_values,
     stage_specs,
 )
-from duecourse.engine.log import can_change_and_log, cancel_pending, change_and_log, log_accounts, log_items
+from duecourse.engine.log import can_change_and_log, cancel_open_tasks, cancel_pending, change_and_log, log_accounts, log_items
 from duecourse.engine.models import LIVE_ITEM_PREDICATE, QueueItem, QueueStatus
 from duecourse.engine.stages import StageSpec, offsets
 from duecourse.engine.timing import (
@@ -218,6 +218,8 @@ def _restart_on_new_carrying_invoice(session: Session, plan: _Plan, *, campaign_
         reason="carrying_invoice_changed",
         cause="restart",
     )
+    cancel_open_tasks(session, organization_id=plan.org.id, accounts=select(Account.id).where(where), now=plan.now,
+                      reason="carrying_invoice_changed")
     log_accounts(
         session, where=where, at=plan.now, event="restarted", cause="carrying_invoice_changed",
         stage_index=first_case_stage(session, strategy=plan.strategy, org=plan.org, now=plan.now),

@@ -1,4 +1,4 @@
-"""Set-based writers of the execution log (SPEC §4.9) and the cancellation of queue items.
+"""Set-based writers of the execution log (SPEC §4.9) and the cancellation of queue items and agent tasks.
 
 Each writer is one ``INSERT … SELECT`` so an action over a million accounts logs in one statement.
 Call the log writer *before* the statement that changes the rows it selects, in the same
@@ -17,7 +17,7 @@ from sqlalchemy.sql.dml import ReturningInsert, ReturningUpdate
 from sqlalchemy.sql.elements import ColumnElement
 
 from duecourse.db.dialect import dialect_name
-from duecourse.engine.models import ExecutionLogEntry, QueueItem, QueueStatus
+from duecourse.engine.models import ExecutionLogEntry, QueueItem, QueueStatus, Task, TaskStatus
 from duecourse.ledger.models import Account
 
 _COLUMNS = ["organization_id", "account_id", "at", "event", "case_number", "stage_index", "queue_item_id", "reason", "cause", "details"]
@@ -154,6 +154,32 @@ def cancel_pending(
         update(QueueItem)
         .where(cond)
         .values(status=QueueStatus.cancelled.value, reason=reason, finished_at=now, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount or 0
+
+
+def cancel_open_tasks(
+    session: Session,
+    *,
+    organization_id: int,
+    accounts: Any,
+    now: datetime,
+    reason: str,
+    kinds: tuple[str, ...] = ("phone_call", "escalation"),
+) -> int:
+    """Cancel the open agent tasks (``kinds``) of ``accounts`` (a SELECT of account ids, or ids), each
+    logged as ``task_cancelled`` with its reason: an agent must not call a debtor who has paid, or
+    whose case has started again or waits for a promise. Returns how many."""
+    cond = and_(Task.organization_id == organization_id, Task.status == TaskStatus.open.value,
+                Task.kind.in_(kinds), Task.account_id.in_(accounts))
+    session.execute(insert(ExecutionLogEntry).from_select(_COLUMNS, select(
+        Task.organization_id, Task.account_id, literal(now, type_=ExecutionLogEntry.at.type), literal("task_cancelled"),
+        select(Account.case_number).where(Account.id == Task.account_id).scalar_subquery(), Task.stage_index,
+        Task.queue_item_id, literal(reason), null(), null(),
+    ).where(cond)))
+    result = session.execute(
+        update(Task).where(cond).values(status=TaskStatus.cancelled.value, completed_at=now)
         .execution_options(synchronize_session=False)
     )
     return result.rowcount or 0

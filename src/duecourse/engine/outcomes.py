@@ -18,7 +18,7 @@ from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session
 
 from duecourse.engine.cases import advance, log_event, refresh_account_tab
-from duecourse.engine.log import cancel_pending
+from duecourse.engine.log import cancel_open_tasks, cancel_pending
 from duecourse.engine.models import (
     Direction,
     Interaction,
@@ -442,6 +442,8 @@ def promise_made(session: Session, *, account: Account, promise: Promise, now: d
     if account.status == AccountStatus.resolved:
         return
     _cancel_from_stage(session, account, stage_index=0, now=now, reason="promise_pending")
+    cancel_open_tasks(session, organization_id=account.organization_id, accounts=[account.id], now=now,
+                      reason="promise_pending", kinds=("phone_call",))
     account.status = AccountStatus.promise_pending
     log_event(session, account, at=now, event="promise", details={
         "promise_id": promise.id, "amount": str(promise.amount), "date": promise.promised_date.isoformat()})

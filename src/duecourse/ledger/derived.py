@@ -33,7 +33,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
-from duecourse.engine.log import cancel_pending, log_accounts
+from duecourse.engine.log import cancel_open_tasks, cancel_pending, log_accounts
 from duecourse.engine.models import QueueItem, QueueStatus
 from duecourse.ledger.models import (
     Account,
@@ -317,6 +317,7 @@ def apply_balance_transitions(session: Session, *, organization_id: int, now: da
         reason="resolved",
         cause="balance_zero",
     )
+    cancel_open_tasks(session, organization_id=organization_id, accounts=to_resolve, now=now, reason="resolved")
     # An account that never had a case (no debt since it was loaded) resolves silently.
     in_collection = and_(Account.id.in_(to_resolve), Account.status != AccountStatus.unassigned.value)
     from duecourse.events.service import accounts_resolved  # events reads the ledger's tables
