@@ -406,3 +406,22 @@ def test_a_worker_reads_the_clock_again_for_every_batch(db, org, clock):
     # Each batch at the time it ran (7, 14 and 21 minutes on), not the loop's first reading.
     assert [at for at, _ in sent] == [now + timedelta(minutes=7 * k) for k in (1, 2, 3)]
     assert all(at == finished for at, finished in sent)
+
+
+def test_a_case_left_past_the_last_stage_by_an_edit_completes_its_sequence(db, org, clock):
+    now = clock.now()
+    sid = _setup(db, org, now, [("email", "t", 0), ("email", "p", 3)])
+    with db.transaction() as s:
+        a_id = debtor(s, org.id, now, "CUT", due=date(2026, 3, 1)).id
+        refresh(s, org.id, now)
+    tick(db, now=now)  # stage 0 sent; the case waits for stage 1, three days on
+    _edit_stage(db, sid, 1, remove=True)
+    with db.transaction() as s:
+        acct = s.get(Account, a_id)
+        assert (acct.case_next_stage, acct.case_sequence_finished) == (1, False)  # a stage that no longer exists
+        enqueue(s, organization_id=org.id, now=now, cause="test")
+    with db.transaction() as s:
+        acct = s.get(Account, a_id)
+        assert (acct.status, acct.case_sequence_finished, acct.collection_tab) == ("sequence_completed", True, "follow_up")
+        assert log(s, a_id)[-1] == ("sequence_completed", None, None)
+        assert [i for i in items(s, a_id) if i[0] == 1] == []  # nothing was queued for it

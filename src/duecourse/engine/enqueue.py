@@ -27,6 +27,7 @@ from sqlalchemy import (
     Table,
     and_,
     case,
+    cast,
     delete,
     exists,
     func,
@@ -61,7 +62,7 @@ from duecourse.engine.timing import (
     next_automation_slot,
     weekday_set,
 )
-from duecourse.ledger.derived import local_today_expr
+from duecourse.ledger.derived import local_today_expr, tab_expr
 from duecourse.ledger.models import CONTACTABLE_STATUSES, Account, AccountStatus, CollectionTab
 from duecourse.strategies.models import MultiStageHandling, Strategy
 from duecourse.tenancy.models import Organization
@@ -161,6 +162,7 @@ def enqueue(
         eligible = _eligible(plan, today=today, campaign_id=campaign_id)
         result.restarted += _restart_on_new_carrying_invoice(session, plan, campaign_id=campaign_id)
         result.reset += _reset_broken_promises(session, plan, eligible)
+        _complete_cases_past_the_last_stage(session, plan, eligible)
         _choose_first_stage(session, plan, eligible)
         if strategy.multi_stage_handling == MultiStageHandling.skip_to_latest:
             result.skipped += _skip_to_latest(session, plan, eligible)
@@ -263,6 +265,22 @@ def _reset_broken_promises(session: Session, plan: _Plan, eligible: ColumnElemen
         .execution_options(synchronize_session=False)
     )
     return result.rowcount or 0
+
+
+def _complete_cases_past_the_last_stage(session: Session, plan: _Plan, eligible: ColumnElement[bool]) -> None:
+    """A case whose next stage no longer exists (stages were removed from the strategy since) has
+    finished its sequence: completed as :func:`~duecourse.engine.cases.advance` would have, instead
+    of waiting forever for a stage that will never be enqueued."""
+    where = and_(eligible, Account.case_next_stage >= len(plan.stages), Account.case_sequence_finished.is_(False))
+    log_accounts(session, where=where, at=plan.now, event="sequence_completed", cause="stages_removed")
+    done = cast(literal(AccountStatus.sequence_completed.value), String(32))
+    session.execute(
+        update(Account)
+        .where(where)
+        .values(status=done, case_sequence_finished=True, updated_at=plan.now,
+                collection_tab=tab_expr(plan.settings.exclusions, status=done))
+        .execution_options(synchronize_session=False)
+    )
 
 
 def _choose_first_stage(session: Session, plan: _Plan, eligible: ColumnElement[bool]) -> None:
