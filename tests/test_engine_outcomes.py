@@ -305,6 +305,14 @@ def test_a_dispute_from_a_call_or_an_agent_task_takes_the_invoice_out_of_collect
         acct = s.get(Account, aid)
         assert acct.carrying_invoice_id == second and acct.balance == Decimal("40.00")
         assert ("dispute", 0, None) in log(s, aid)
+        case_number = acct.case_number
+    # The case continues on the next invoice: the next enqueue does not restart it from stage 0.
+    clock.advance(days=1)
+    tick(db, now=clock.now())
+    with db.transaction() as s:
+        acct = s.get(Account, aid)
+        assert (acct.case_number, acct.case_next_stage, acct.case_invoice_id) == (case_number, 1, second)
+        assert "restarted" not in [e[0] for e in log(s, aid)]
 
 
 def test_an_agents_open_call_task_is_cancelled_when_the_debtor_pays_or_promises(db, org, clock):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from decimal import Decimal
 
-from sqlalchemy import and_, func, select
+from sqlalchemy import and_, func, select, update
 from sqlalchemy.orm import Session
 
 from duecourse.engine.cases import advance, log_event, refresh_account_tab
@@ -341,9 +341,18 @@ def _dispute_carrying_invoice(session: Session, account: Account, *, stage_index
 
 
 def _refresh_after_dispute(session: Session, account: Account, *, now: datetime) -> None:
+    """The balances without the disputed invoice; the case continues on the next undisputed one
+    (§4.8): it becomes the case's invoice, so the next enqueue does not take the change of carrying
+    invoice for a restart (which would start the sequence again from its first stage). With no
+    undisputed invoice left the balance is zero and the account resolves: the case stops."""
     org_id = account.organization_id
     refresh_accounts(session, organization_id=org_id, exclusions=get_settings(session, org_id).exclusions, now=now,
                      account_ids=[account.id])
+    session.execute(
+        update(Account).where(Account.id == account.id, Account.carrying_invoice_id.is_not(None))
+        .values(case_invoice_id=Account.carrying_invoice_id).execution_options(synchronize_session=False)
+    )
+    session.expire(account)
 
 
 def _retry_or_advance(session: Session, account: Account, *, item: QueueItem, stage: Stage | None, org: Organization,
