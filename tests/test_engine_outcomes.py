@@ -91,6 +91,28 @@ def test_voice_no_answer_retries_then_advances(db, org, clock):
         assert ("advanced", 1, None) in log(s, aid) and ("step_timeout", 0, None) in log(s, aid)
 
 
+def test_a_late_no_answer_for_an_attempt_already_retried_changes_nothing(db, org, clock):
+    now = clock.now()
+    _setup(db, org, now, [("voice", "t", 0), ("email", "p", 2)])
+    with db.transaction() as s:
+        from duecourse.strategies.models import Stage
+        st = s.scalars(select(Stage).where(Stage.position == 0)).one()
+        st.max_retries, st.retry_delay_hours, st.step_timeout_hours = 2, 4, 24
+    aid = _new(db, org, now, "LATE")
+    tick(db, now=now)
+    first = _item(db, aid, 0)
+    clock.advance(hours=25)
+    assert tick(db, now=clock.now())["step_timeouts"] == 1  # no outcome in time: the retry is queued
+    with db.transaction() as s:
+        before = items(s, aid)
+    assert before[-1][:2] == (0, "pending") and _account(db, aid).case_retry_count == 1
+    r = org.post("/api/v1/outcomes/call", role="manager", json={"queue_item_id": first, "outcome": "no_answer"})
+    assert r.status_code == 200 and r.json() == {"result": "stale"}
+    with db.transaction() as s:
+        assert items(s, aid) == before
+    assert _account(db, aid).case_retry_count == 1
+
+
 def test_callback_fulfilled_and_callback_expired(db, org, clock):
     now = clock.now()
     _setup(db, org, now, [("voice", "t", 0), ("email", "p", 3)])

@@ -262,7 +262,19 @@ def record_call_outcome(
               details={"sentiment": str(report.sentiment) if report.sentiment else None, "willingness": report.willingness})
     if not _current_stage(account, item):
         return "stale"
+    if report.outcome in NO_CONVERSATION and _later_attempt(session, item):
+        # A late "nobody answered" for an attempt already followed by another (its step timed out
+        # and the retry is queued or made): the retry took care of it.
+        return "stale"
     return _apply_conversation(session, account, item=item, report=report, now=now)
+
+
+def _later_attempt(session: Session, item: QueueItem) -> bool:
+    """Whether the same stage of the same case has an item after this one (a retry, a callback)."""
+    return session.scalar(
+        select(QueueItem.id).where(QueueItem.account_id == item.account_id, QueueItem.case_number == item.case_number,
+                                   QueueItem.stage_index == item.stage_index, QueueItem.id > item.id).limit(1)
+    ) is not None
 
 
 def _waits_for_callback_expiry(account: Account, item: QueueItem) -> bool:
