@@ -167,6 +167,28 @@ def test_an_unanswered_return_call_waits_for_the_callback_to_expire_and_advances
         assert events.count("advanced") == 1 and "callback_unanswered" in events and "callback_expired" in events
 
 
+def test_a_callback_asked_for_outside_calling_hours_does_not_expire_before_the_call(db, org, clock):
+    now = clock.now()
+    _setup(db, org, now, [("voice", "t", 0), ("email", "p", 3)])
+    aid = _new(db, org, now, "CB-SUNDAY")
+    tick(db, now=now)
+    at = utc(2026, 3, 7, 21, 30)  # Saturday 22:30 in Madrid: calls resume on Monday at 08:00 (07:00 UTC)
+    r = org.post("/api/v1/outcomes/call", role="manager",
+                 json={"queue_item_id": _item(db, aid, 0), "outcome": "callback_requested", "callback_at": at.isoformat()})
+    assert r.json() == {"result": "callback"}
+    with db.transaction() as s:
+        assert items(s, aid)[-1][1:3] == ("pending", utc(2026, 3, 9, 7))
+    clock.set(at + timedelta(hours=25))  # past 24 hours after T, before the call could be made
+    assert tick(db, now=clock.now())["callbacks_expired"] == 0
+    assert _account(db, aid).status == "callback_pending"
+    clock.set(utc(2026, 3, 9, 7))
+    assert tick(db, now=clock.now())["dispatch"] == {"dispatched": 1}  # the return call
+    clock.set(utc(2026, 3, 10, 7, 1))  # 24 hours after the call, no conversation
+    assert tick(db, now=clock.now())["callbacks_expired"] == 1
+    acct = _account(db, aid)
+    assert (acct.status, acct.case_next_stage) == ("in_auto_management", 1)
+
+
 def test_adaptive_timing_after_a_hostile_call_is_logged(db, org, clock):
     now = clock.now()
     _setup(db, org, now, [("voice", "t", 0), ("email", "p", 4)])

@@ -514,12 +514,21 @@ def settle_promises(session: Session, *, organization_id: int, now: datetime) ->
 
 
 def expire_callbacks(session: Session, *, organization_id: int, now: datetime) -> int:
-    """§4.8: a callback with no conversation within the expiry after its time advances the case."""
+    """§4.8: a callback with no conversation within the expiry after its time advances the case.
+    The expiry counts from the later of the time asked for and the time the return call is
+    scheduled (a call asked for on Saturday night waits for Monday's allowed hours, and must not
+    expire before it is made)."""
     org = _org(session, organization_id)
     hours = get_settings(session, organization_id).outcomes.callback_expiry_hours
+    since = now - timedelta(hours=hours)
+    call_within = select(QueueItem.id).where(
+        QueueItem.account_id == Account.id, QueueItem.case_number == Account.case_number, QueueItem.is_callback.is_(True),
+        QueueItem.status.in_([QueueStatus.pending.value, QueueStatus.processing.value, QueueStatus.completed.value]),
+        QueueItem.scheduled_at > since,
+    ).exists()
     accounts = session.scalars(
         select(Account).where(Account.organization_id == organization_id, Account.status == AccountStatus.callback_pending,
-                              Account.callback_at <= now - timedelta(hours=hours)).with_for_update()
+                              Account.callback_at <= since, ~call_within).with_for_update()
     ).all()
     for account in accounts:
         _cancel_from_stage(session, account, stage_index=0, now=now, reason="callback_expired")
