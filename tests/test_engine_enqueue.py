@@ -7,6 +7,7 @@ from datetime import UTC, date, datetime, timedelta
 from sqlalchemy import func, select
 
 from duecourse.campaigns.models import Campaign
+from duecourse.engine.cycle import tick
 from duecourse.engine.enqueue import enqueue
 from duecourse.engine.models import ExecutionLogEntry, QueueItem
 from duecourse.engine.runs import run_strategy_now
@@ -14,6 +15,7 @@ from duecourse.ledger.models import Account
 from duecourse.tenancy import service as tenancy
 from duecourse.tenancy.principal import Principal
 from tests.engine_helpers import debtor, items, log, refresh, strategy
+from tests.test_engine_dispatch import _setup
 
 
 def utc(*a):
@@ -238,3 +240,26 @@ def test_a_case_without_a_next_stage_gets_its_first_action_at_enqueue(db, org, c
         assert s.get(Account, a.id).case_next_stage == 2
         assert log(s, a.id)[-2:] == [("first_action", 2, None), ("enqueued", 2, None)]
         assert [i[0] for i in items(s, a.id)] == [2]
+
+
+def test_skip_to_latest_after_downtime_withdraws_a_stage_queued_ahead(db, org, clock):
+    """The next stage was queued for its due time; the engine was down until two stages were due:
+    only the latest goes out, the one queued ahead is cancelled and recorded as skipped."""
+    now = clock.now()  # Monday 2026-03-02
+    _setup(db, org, now, [("email", "t", 0), ("email", "t", 8), ("email", "t", 15)], multi_stage_handling="skip_to_latest")
+    with db.transaction() as s:
+        aid = debtor(s, org.id, now, "DOWN", due=date(2026, 3, 1)).id
+        refresh(s, org.id, now)
+    tick(db, now=now)
+    clock.advance(days=1)
+    tick(db, now=clock.now())
+    with db.transaction() as s:
+        assert [(i[0], i[1]) for i in items(s, aid)] == [(0, "completed"), (1, "pending")]  # stage 1 queued for day 8
+    clock.set(datetime(2026, 3, 18, 9, tzinfo=UTC))  # back after two weeks: stages 1 and 2 are both due
+    r = tick(db, now=clock.now())
+    assert r["dispatch"] == {"dispatched": 1}
+    with db.transaction() as s:
+        assert [(i[0], i[1], i[3]) for i in items(s, aid)] == [
+            (0, "completed", None), (1, "cancelled", "skip_to_latest"), (2, "completed", None)]
+        entries = log(s, aid)
+        assert ("cancelled", 1, "skip_to_latest") in entries and ("skipped", 1, "skip_to_latest") in entries

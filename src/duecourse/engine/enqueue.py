@@ -351,19 +351,41 @@ def _not_taken(stage_index: int) -> ColumnElement[bool]:
     )
 
 
+def _not_started(stage_index: int) -> ColumnElement[bool]:
+    """No item of the case's stage is being sent or was sent (a pending one may still be withdrawn).
+    Over an alias: it also runs inside statements on ``queue_items`` (:func:`_skip_to_latest`'s
+    cancellation), where the table itself would be correlated to the outer row."""
+    other = QueueItem.__table__.alias("started")
+    return ~exists().where(
+        other.c.account_id == Account.id,
+        other.c.case_number == Account.case_number,
+        other.c.stage_index == stage_index,
+        other.c.status.in_([QueueStatus.processing.value, QueueStatus.completed.value]),
+    )
+
+
 def _skip_to_latest(session: Session, plan: _Plan, eligible: ColumnElement[bool]) -> int:
     """§4.5 ``skip_to_latest``: when several stages are due, move the case to the latest and record the
-    others as skipped in the execution log."""
+    others as skipped in the execution log. A stage already queued ahead for its due time but not
+    yet sent (the scheduler or the workers were down since) is skipped too: its item is cancelled
+    (``skip_to_latest``), so after downtime only the latest stage goes out."""
     skipped = 0
     n = len(plan.stages)
     for k in range(n - 1):
         dues = _due_exprs(session, plan, k)
-        group = and_(eligible, Account.case_next_stage == k, _not_taken(k))
+        group = and_(eligible, Account.case_next_stage == k, _not_started(k))
         for j in range(k + 1, n):
             latest = _all_due(dues, j - k, plan.local_today)
             if j + 1 < n:
                 latest = and_(latest, not_(_all_due(dues, j + 1 - k, plan.local_today)))
             where = and_(group, latest)
+            queued_ahead = (
+                select(Account.id)
+                .where(Account.id == QueueItem.account_id, Account.case_number == QueueItem.case_number, where)
+                .exists()
+            )
+            cancel_pending(session, organization_id=plan.org.id, now=plan.now, reason="skip_to_latest", cause=plan.cause,
+                           which=and_(QueueItem.stage_index >= k, QueueItem.stage_index < j, queued_ahead))
             for i in range(k, j):
                 log_accounts(session, where=where, at=plan.now, event="skipped", cause=plan.cause, reason="skip_to_latest", stage_index=i)
             result = session.execute(
