@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 
 from duecourse.cli import app
 from duecourse.config import get_settings
+from duecourse.engine.models import QueueItem
 from duecourse.ledger.models import Account
 from duecourse.tenancy.models import ApiKey, Organization, User
 from duecourse.tenancy.security import hash_api_key
@@ -73,13 +74,15 @@ def test_tick_at_runs_a_cycle_and_refuses_bad_time(cli, db):
     assert cli.invoke(app, ["demo", "--no-serve"]).exit_code == 0
     bad = cli.invoke(app, ["tick", "--at", "yesterday"])
     assert bad.exit_code == 2 and "yesterday" in bad.output
-    # A weekday morning in 2030: every demo strategy's run is due; messages land in the sandbox outbox.
+    # A weekday morning in 2030: every demo strategy's run is due, every stage too, and the cycle
+    # dispatches what they enqueue (the latest stage, for the skip_to_latest strategy).
+    with db.transaction() as s:
+        before = s.scalar(select(func.count()).select_from(QueueItem).where(QueueItem.status == "completed"))
     r = cli.invoke(app, ["tick", "--at", "2030-01-07T09:30:00Z"])
     assert r.exit_code == 0, r.output
-    from duecourse.channels.models import SandboxMessage
-
     with db.transaction() as s:
-        assert s.scalar(select(func.count()).select_from(SandboxMessage)) > 0
+        after = s.scalar(select(func.count()).select_from(QueueItem).where(QueueItem.status == "completed"))
+    assert after > before and f"'dispatched': {after - before}" in " ".join(r.output.split())
     again = cli.invoke(app, ["tick", "--at", "2030-01-07T09:30:00Z"])
     assert "'strategy_runs': 0" in again.output  # the same slot never runs twice
 

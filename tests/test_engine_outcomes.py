@@ -13,6 +13,7 @@ from duecourse.channels.models import SandboxMessage
 from duecourse.engine.cycle import tick
 from duecourse.engine.models import ExecutionLogEntry, QueueItem, Task
 from duecourse.ledger.models import Account, Invoice, Payment, Promise
+from duecourse.strategies.models import Stage
 from tests.engine_helpers import debtor, items, log, refresh
 from tests.test_engine_dispatch import _setup
 
@@ -61,13 +62,17 @@ def test_bounce_cancels_the_queued_next_stage_and_sends_it_at_once(db, org, cloc
         assert [m.channel for m in s.scalars(select(SandboxMessage).order_by(SandboxMessage.id))] == ["email", "sms"]
 
 
+def _call_retries(db, *, max_retries):
+    """The first stage (a call) retried ``max_retries`` times, four hours apart, a step timing out after 24 hours."""
+    with db.transaction() as s:
+        st = s.scalars(select(Stage).where(Stage.position == 0)).one()
+        st.max_retries, st.retry_delay_hours, st.step_timeout_hours = max_retries, 4, 24
+
+
 def test_voice_no_answer_retries_then_advances(db, org, clock):
     now = clock.now()
     _setup(db, org, now, [("voice", "t", 0), ("email", "p", 2)])
-    with db.transaction() as s:
-        from duecourse.strategies.models import Stage
-        st = s.scalars(select(Stage).where(Stage.position == 0)).one()
-        st.max_retries, st.retry_delay_hours, st.step_timeout_hours = 1, 4, 24
+    _call_retries(db, max_retries=1)
     # Allow two contacts a day, so the retry four hours later is not held by the frequency limit.
     org.patch("/api/v1/settings", json={"dispatch": {"frequency_limits": {"overall": {"per_day": 2}}}})
     aid = _new(db, org, now, "CALL")
@@ -94,10 +99,7 @@ def test_voice_no_answer_retries_then_advances(db, org, clock):
 def test_a_late_no_answer_for_an_attempt_already_retried_changes_nothing(db, org, clock):
     now = clock.now()
     _setup(db, org, now, [("voice", "t", 0), ("email", "p", 2)])
-    with db.transaction() as s:
-        from duecourse.strategies.models import Stage
-        st = s.scalars(select(Stage).where(Stage.position == 0)).one()
-        st.max_retries, st.retry_delay_hours, st.step_timeout_hours = 2, 4, 24
+    _call_retries(db, max_retries=2)
     aid = _new(db, org, now, "LATE")
     tick(db, now=now)
     first = _item(db, aid, 0)
@@ -449,7 +451,6 @@ def test_a_requested_callback_is_not_held_by_the_daily_limit(db, org, clock):
 def _whatsapp_conversation(db, org, now, ext, *, max_retries):
     """A WhatsApp stage (with a template) then an email 3 days later; one debtor due yesterday."""
     from duecourse.messaging.models import Template
-    from duecourse.strategies.models import Stage
 
     _setup(db, org, now, [("whatsapp", "t", 0), ("email", "p", 3)])
     with db.transaction() as s:

@@ -12,8 +12,9 @@ their messages are rendered in the batch transaction, sent afterwards with no tr
 (one thread per organization and channel, so a slow provider holds up only its own messages), each
 withheld if its account changed meanwhile (``_still_sendable``), their provider references journaled
 at once, and the interaction and case advance recorded in a second transaction. An item whose send
-is journaled is never sent again, even if its worker dies before recording it. A provider that fails with a retryable error stops being called for its organization
-and channel for a cool-down; its items wait without spending attempts.
+is journaled is never sent again, even if its worker dies before recording it. A provider that
+fails with a retryable error stops being called for its organization and channel for a cool-down;
+its items wait without spending attempts.
 """
 
 from __future__ import annotations

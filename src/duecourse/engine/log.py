@@ -1,4 +1,5 @@
-"""Set-based writers of the execution log (SPEC §4.9) and the cancellation of queue items and agent tasks.
+"""Set-based writers of the execution log (SPEC §4.9), and the cancellation of queue items and of
+agent tasks.
 
 Each writer is one ``INSERT … SELECT`` so an action over a million accounts logs in one statement.
 Call the log writer *before* the statement that changes the rows it selects, in the same
