@@ -146,8 +146,8 @@ def log_row(
 
 
 def _plain(value: Any) -> Any:
-    """Numbers, booleans and text as they are. Enumerations too: ours are all ``StrEnum``, which
-    the JSON encoder writes as their string values (a plain ``Enum`` would fail loudly there)."""
+    """Numbers, booleans and text as they are. Enumerations too: orjson writes an enumeration as its
+    value (ours are all ``StrEnum``, whose value is the stored string)."""
     return value
 
 
