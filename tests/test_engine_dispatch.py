@@ -291,6 +291,13 @@ def test_a_later_stage_never_overtakes_one_waiting_for_its_outcome(db, org, cloc
         assert [(i[0], i[1], i[3]) for i in items(s, a_id)] == [(0, "completed", None), (1, "cancelled", "awaiting_previous_stage")]
         task_id = s.scalars(select(Task.id)).one()
     assert outbox(db) == []
+    # Later passes leave the waiting email alone instead of queueing and withdrawing it each time.
+    for minutes in (5, 10):
+        with db.transaction() as s:
+            enqueue(s, organization_id=org.id, now=now + timedelta(minutes=minutes), cause="test")
+        tick(db, now=now + timedelta(minutes=minutes))
+    with db.transaction() as s:
+        assert [(i[0], i[1]) for i in items(s, a_id)] == [(0, "completed"), (1, "cancelled")]
     org.post(f"/api/v1/tasks/{task_id}/outcome", role="agent", json={"outcome": "refused"})
     clock.advance(hours=1)
     with db.transaction() as s:

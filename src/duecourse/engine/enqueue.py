@@ -411,7 +411,10 @@ def _enqueue_stages(session: Session, plan: _Plan, eligible: ColumnElement[bool]
         for j in range(k, last + 1):
             where = and_(group, _not_taken(j))
             if j > k:
-                where = and_(where, _all_due(dues, j - k, plan.local_today))
+                # Not while stage k is out waiting for its outcome (a call, an agent's task): the
+                # dispatch would only withdraw the item again (``awaiting_previous_stage``), pass
+                # after pass; the stage is enqueued once the case has moved on to it.
+                where = and_(where, _all_due(dues, j - k, plan.local_today), _not_started(k))
             total += _insert_items(session, plan, where=where, stage_index=j, due=dues[j - k])
     return total
 
