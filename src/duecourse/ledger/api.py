@@ -266,8 +266,10 @@ def get_payment(payment_id: int, principal: Reader, session: DbSession) -> Any:
     return service.payment_views(session, [payment])[0]
 
 
-@payments.delete("/payments/{payment_id}", status_code=204, summary="Delete a payment (reverses its allocations)")
-def delete_payment(payment_id: int, session: DbSession, clock: AppClock, principal: Principal = RecordPayments) -> Response:
+@payments.delete("/payments/{payment_id}", status_code=204, summary="Delete a payment (reverses its allocations; managers)")
+def delete_payment(payment_id: int, session: DbSession, clock: AppClock, principal: Principal = ManageAccounts) -> Response:
+    # Not agents (SPEC §1: they record payments): deleting one reopens the debt it paid, and the
+    # engine would resume dunning a debtor who has paid.
     service.delete_payment(session, organization_id=principal.organization_id, payment_id=payment_id, now=clock.now())
     return Response(status_code=204)
 
