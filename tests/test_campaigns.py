@@ -656,15 +656,16 @@ def test_kpis(org, db, clock):
         m3 = _add_account(s, org.id, now, "M3", campaign_id=cid, campaign_joined_at=now - timedelta(days=1))
         n1 = _add_account(s, org.id, now, "N1", campaign_id=other["id"], campaign_joined_at=joined)
 
-        def interaction(account_id, campaign_id=cid, direction=Direction.outbound):  # type: ignore[no-untyped-def]
+        def interaction(account_id, campaign_id=cid, direction=Direction.outbound, channel=ActionType.email,  # type: ignore[no-untyped-def]
+                        status=InteractionStatus.sent):
             s.add(
                 Interaction(
                     organization_id=org.id,
                     account_id=account_id,
                     campaign_id=campaign_id,
-                    channel=ActionType.email,
+                    channel=channel,
                     direction=direction,
-                    status=InteractionStatus.sent,
+                    status=status,
                     occurred_at=now - timedelta(days=1),
                     created_at=now,
                 )
@@ -675,6 +676,9 @@ def test_kpis(org, db, clock):
         interaction(m2, direction=Direction.inbound)
         interaction(m3, campaign_id=None)
         interaction(n1)  # in another campaign now
+        # Not contacts: a call task just opened for an agent, a stop flag set.
+        interaction(m2, channel=ActionType.phone_call, status=InteractionStatus.queued)
+        interaction(m3, channel=ActionType.place_on_stop, status=InteractionStatus.completed)
 
         def promise(account_id, days_ago):  # type: ignore[no-untyped-def]
             s.add(

@@ -608,6 +608,12 @@ def kpis_for(session: Session, *, organization_id: int, campaign_ids: list[int])
                 Interaction.organization_id == organization_id,
                 Interaction.campaign_id == Account.campaign_id,
                 Interaction.direction == Direction.outbound.value,
+                # A contact with the debtor: a message or call sent, or an agent's call logged; not a
+                # task just opened (``queued``), an escalation or a stop flag.
+                or_(
+                    Interaction.channel.in_(("email", "sms", "whatsapp", "voice")),
+                    and_(Interaction.channel == "phone_call", Interaction.status != "queued"),
+                ),
             )
             .group_by(Account.campaign_id)
         ).all()
