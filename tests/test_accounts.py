@@ -60,6 +60,12 @@ def test_defaults_come_from_the_organization(make_org):
     # The account follows its organization's zone (NULL stored), until it gets its own.
     assert org.patch(f"{API}/organization", json={"timezone": "Europe/Lisbon"}).status_code == 200
     assert account(org, a["id"])["timezone"] == "Europe/Lisbon"
+    # The change is audited like a settings change; a refused one changes and records nothing.
+    audit = org.get(f"{API}/audit-log", params={"entity_type": "organization"}).json()["items"]
+    assert [(e["action"], e["field"], e["old_value"], e["new_value"]) for e in audit] == [
+        ("updated", "timezone", "Asia/Tokyo", "Europe/Lisbon")]
+    assert org.patch(f"{API}/organization", json={"timezone": None}).status_code == 422
+    assert len(org.get(f"{API}/audit-log", params={"entity_type": "organization"}).json()["items"]) == 1
     assert org.patch(f"{API}/accounts/{a['id']}", json={"timezone": "Asia/Tokyo"}).json()["timezone_is_default"] is False
     reset = org.patch(f"{API}/accounts/{a['id']}", json={"timezone": None}).json()
     assert reset["timezone"] == "Europe/Lisbon" and reset["timezone_is_default"] is True

@@ -71,13 +71,9 @@ def get_organization(principal: Reader, session: DbSession) -> Any:
 
 
 @router.patch("/organization", response_model=OrganizationOut)
-def patch_organization(body: OrganizationPatch, session: DbSession, principal: Principal = SettingsAdmin) -> Any:
-    org = service.get_organization(session, principal.organization_id)
-    for k, v in body.model_dump(exclude_unset=True).items():
-        if v is None:
-            raise ValidationFailed.on(k, "must not be null")
-        setattr(org, k, v)
-    return org
+def patch_organization(body: OrganizationPatch, session: DbSession, clock: AppClock, principal: Principal = SettingsAdmin) -> Any:
+    return service.update_organization(session, principal=principal, values=body.model_dump(exclude_unset=True),
+                                       now=clock.now())
 
 
 @router.get("/users", response_model=list[UserOut])

@@ -153,6 +153,21 @@ def get_organization(session: Session, organization_id: int) -> Organization:
     return org
 
 
+def update_organization(session: Session, *, principal: Principal, values: dict[str, Any], now: datetime) -> Organization:
+    """Change the organization's own fields (name, time zone, base currency); each change audited
+    like a settings change (SPEC §3)."""
+    org = get_organization(session, principal.organization_id)
+    nulls = [k for k, v in values.items() if v is None]
+    if nulls:
+        raise ValidationFailed("Invalid organization", [FieldError(k, "must not be null") for k in nulls])
+    changes = {k: (getattr(org, k), v) for k, v in values.items()}
+    for k, v in values.items():
+        setattr(org, k, v)
+    audit.record_changes(session, principal=principal, at=now, entity_type="organization", entity_id=org.id,
+                         changes=changes, description_prefix="Organization")
+    return org
+
+
 def get_settings(session: Session, organization_id: int) -> OrgSettings:
     """The organization's settings, validated once per session (the engine asks for them per item)."""
     memo = session.info.setdefault("org_settings", {})
