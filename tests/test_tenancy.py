@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from sqlalchemy import select
+
 
 def test_health_and_ready(client):
     assert client.get("/health").json()["status"] == "ok"
@@ -79,6 +81,20 @@ def test_nobody_demotes_or_deactivates_themselves_and_role_changes_are_audited(o
     assert {("role", "agent", "manager"), ("active", "True", "False")} <= changed
     client.cookies.clear()
     assert org.get(f"/api/v1/users/{me['id']}").json()["role"] == "admin"
+
+
+def test_an_inactive_admin_can_be_deleted_but_never_the_last_active_one(org, db):
+    from duecourse.tenancy.models import User
+
+    old = org.post("/api/v1/users", json={"email": "old@example.com", "password": "longenough", "role": "admin"}).json()
+    assert org.patch(f"/api/v1/users/{old['id']}", json={"active": False}).status_code == 200
+    # Deleting an inactive admin leaves the active admins as they are.
+    assert org.delete(f"/api/v1/users/{old['id']}").status_code == 204
+    with db.transaction() as s:
+        (only,) = s.scalars(select(User).where(User.organization_id == org.id, User.role == "admin")).all()
+        only_id = only.id
+    r = org.delete(f"/api/v1/users/{only_id}")
+    assert r.status_code == 422 and "last admin" in r.text
 
 
 def test_user_validation(org):
