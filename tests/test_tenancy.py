@@ -97,6 +97,20 @@ def test_an_inactive_admin_can_be_deleted_but_never_the_last_active_one(org, db)
     assert r.status_code == 422 and "last admin" in r.text
 
 
+def test_a_new_password_ends_the_sessions_opened_with_the_old_one(org, client):
+    assert client.post("/api/v1/auth/login", json={"email": org.admin_email, "password": org.admin_password}).status_code == 200
+    me = next(u for u in client.get("/api/v1/users").json() if u["email"] == org.admin_email)
+    stolen = dict(client.cookies)  # a copy of the session cookie, as someone else might hold it
+    assert client.patch(f"/api/v1/users/{me['id']}", json={"password": "a-new-long-password"}).status_code == 200
+    client.cookies.clear()
+    client.cookies.update(stolen)
+    assert client.get("/api/v1/me").status_code == 401
+    client.cookies.clear()
+    assert client.post("/api/v1/auth/login", json={"email": org.admin_email, "password": org.admin_password}).status_code == 401
+    assert client.post("/api/v1/auth/login", json={"email": org.admin_email, "password": "a-new-long-password"}).status_code == 200
+    assert client.get("/api/v1/me").status_code == 200
+
+
 def test_user_validation(org):
     r = org.post("/api/v1/users", json={"email": "not-an-email", "password": "short", "role": "boss"})
     assert r.status_code == 422

@@ -58,9 +58,9 @@ def principal_from_cookie(request: Request, session: Session) -> Principal | Non
         return None
     settings = request.app.state.settings
     data = load_session_token(settings.secret_key, cookie, settings.session_max_age_seconds)
-    if not data or not isinstance(data.get("uid"), int):
+    if data is None:
         return None
-    return tenancy.principal_for_user(session, data["uid"])
+    return tenancy.principal_for_user(session, *data)
 
 
 CurrentPrincipal = Annotated[Principal, Depends(_principal)]

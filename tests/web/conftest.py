@@ -31,7 +31,7 @@ from duecourse.config import Settings
 from duecourse.db import Database
 from duecourse.tenancy import service as tenancy
 from duecourse.tenancy.models import Role, User
-from duecourse.tenancy.security import hash_password, session_serializer
+from duecourse.tenancy.security import hash_password, new_session_token
 
 SECRET = "web-test-secret"
 PASSWORD = "correct horse battery"
@@ -53,7 +53,9 @@ class LiveServer:
     clock: FixedClock
 
     def session_cookie(self, user_id: int) -> str:
-        return session_serializer(SECRET).dumps({"uid": user_id})
+        with self.db.transaction() as s:
+            password_hash = s.get(User, user_id).password_hash
+        return new_session_token(SECRET, user_id=user_id, password_hash=password_hash)
 
 
 @dataclass

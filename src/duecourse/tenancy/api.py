@@ -27,7 +27,7 @@ from duecourse.tenancy.schemas import (
     UserPatch,
 )
 from duecourse.tenancy.scope import get_owned, scoped
-from duecourse.tenancy.security import session_serializer
+from duecourse.tenancy.security import new_session_token
 from duecourse.tenancy.settings import OrgSettings
 
 router = APIRouter(tags=["organization and access"])
@@ -39,7 +39,7 @@ SettingsAdmin = requires(Permission.manage_settings)
 def login(body: LoginIn, request: Request, response: Response, session: DbSession, clock: AppClock) -> User:
     user = service.authenticate_password(session, email=body.email, password=body.password, now=clock.now())
     settings = request.app.state.settings
-    token = session_serializer(settings.secret_key).dumps({"uid": user.id})
+    token = new_session_token(settings.secret_key, user_id=user.id, password_hash=user.password_hash)
     response.set_cookie(
         SESSION_COOKIE, token, httponly=True, samesite="lax", max_age=settings.session_max_age_seconds
     )

@@ -39,9 +39,22 @@ def session_serializer(secret_key: str) -> URLSafeTimedSerializer:
     return URLSafeTimedSerializer(secret_key, salt="duecourse-session")
 
 
-def load_session_token(secret_key: str, token: str, max_age: int) -> dict | None:
+def password_mark(password_hash: str) -> str:
+    """A short fingerprint of the user's password hash, carried in the session cookie: a new
+    password changes it, which ends every session opened with the old one."""
+    return hashlib.sha256(password_hash.encode()).hexdigest()[:16]
+
+
+def new_session_token(secret_key: str, *, user_id: int, password_hash: str) -> str:
+    return session_serializer(secret_key).dumps({"uid": user_id, "pw": password_mark(password_hash)})
+
+
+def load_session_token(secret_key: str, token: str, max_age: int) -> tuple[int, str] | None:
+    """(user id, password mark) of a valid, unexpired session token, or None."""
     try:
         data = session_serializer(secret_key).loads(token, max_age=max_age)
     except (BadSignature, SignatureExpired):
         return None
-    return data if isinstance(data, dict) else None
+    if not isinstance(data, dict) or not isinstance(data.get("uid"), int) or not isinstance(data.get("pw"), str):
+        return None
+    return data["uid"], data["pw"]

@@ -15,7 +15,7 @@ from duecourse.tenancy import audit
 from duecourse.tenancy.models import ApiKey, Organization, OrganizationSettings, Role, User
 from duecourse.tenancy.principal import Principal
 from duecourse.tenancy.scope import get_owned, scoped
-from duecourse.tenancy.security import hash_api_key, hash_password, new_api_key, verify_password
+from duecourse.tenancy.security import hash_api_key, hash_password, new_api_key, password_mark, verify_password
 from duecourse.tenancy.settings import OrgSettings
 
 
@@ -100,9 +100,11 @@ def principal_for_api_key(session: Session, key: str, now: datetime) -> Principa
     return Principal(organization_id=row.organization_id, role=row.role, actor=f"api-key:{row.name}", api_key_id=row.id)
 
 
-def principal_for_user(session: Session, user_id: int) -> Principal | None:
+def principal_for_user(session: Session, user_id: int, mark: str) -> Principal | None:
+    """The principal of a session cookie's user: active, and with the password the session was
+    opened with (``mark``, :func:`~duecourse.tenancy.security.password_mark`)."""
     user = session.get(User, user_id)
-    if user is None or not user.active:
+    if user is None or not user.active or password_mark(user.password_hash) != mark:
         return None
     return Principal(organization_id=user.organization_id, role=user.role, actor=user.email, user_id=user.id)
 

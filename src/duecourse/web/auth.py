@@ -8,10 +8,10 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
-from duecourse.deps import SESSION_COOKIE, AppClock, DbSession
+from duecourse.deps import SESSION_COOKIE, AppClock, DbSession, principal_from_cookie
 from duecourse.errors import Unauthorized
 from duecourse.tenancy import service as tenancy
-from duecourse.tenancy.security import load_session_token, session_serializer
+from duecourse.tenancy.security import new_session_token
 from duecourse.web.core import (
     CSRF_FIELD,
     NONCE_COOKIE,
@@ -48,12 +48,8 @@ def _login_page(request: Request, *, email: str = "", error: str | None = None, 
 
 @router.get("/login")
 def login_page(request: Request, session: DbSession, next: str = HOME) -> Response:
-    settings = request.app.state.settings
-    cookie = request.cookies.get(SESSION_COOKIE)
-    if cookie:
-        data = load_session_token(settings.secret_key, cookie, settings.session_max_age_seconds)
-        if data and isinstance(data.get("uid"), int) and tenancy.principal_for_user(session, data["uid"]):
-            return RedirectResponse(_safe_next(next), status_code=303)
+    if principal_from_cookie(request, session) is not None:
+        return RedirectResponse(_safe_next(next), status_code=303)
     return _login_page(request, next_url=_safe_next(next))
 
 
@@ -70,7 +66,7 @@ def login(request: Request, form: CsrfForm, session: DbSession, clock: AppClock)
     response = RedirectResponse(next_url, status_code=303)
     response.set_cookie(
         SESSION_COOKIE,
-        session_serializer(settings.secret_key).dumps({"uid": user.id}),
+        new_session_token(settings.secret_key, user_id=user.id, password_hash=user.password_hash),
         httponly=True,
         samesite="lax",
         max_age=settings.session_max_age_seconds,
