@@ -525,11 +525,14 @@ def _insert_items(session: Session, plan: _Plan, *, where: ColumnElement[bool], 
     if can_change_and_log(session):
         returning = (QueueItem.organization_id, QueueItem.account_id, QueueItem.case_number, QueueItem.stage_index, QueueItem.id)
         return change_and_log(session, stmt.returning(*returning), at=now, event="enqueued", cause=plan.cause)
+    # SQLite: the statement's rows are the ones with its batch mark, all above the highest id before
+    # it (a range of the primary key, so no index on the mark is needed).
+    before = session.scalar(select(func.coalesce(func.max(QueueItem.id), 0)))
     inserted = session.execute(stmt.execution_options(preserve_rowcount=True)).rowcount or 0
     if inserted:
         log_items(
             session,
-            where=QueueItem.batch_id == batch,
+            where=and_(QueueItem.id > before, QueueItem.batch_id == batch),
             at=now,
             event="enqueued",
             cause=plan.cause,

@@ -73,9 +73,11 @@ class QueueItem(Base):
         # index and stops, instead of sorting every due item.
         Index("ix_queue_items_due", "status", "scheduled_at", "stage_index", "id"),
         Index("ix_queue_items_org_status", "organization_id", "status", "scheduled_at"),
-        Index("ix_queue_items_campaign", "campaign_id", "status"),
+        # Partial: most items belong to no campaign (trigger-based assignment), and every item is
+        # written three times (enqueued, claimed, finished), each time into every index it is in.
+        Index("ix_queue_items_campaign", "campaign_id", "status", sqlite_where=text("campaign_id IS NOT NULL"),
+              postgresql_where=text("campaign_id IS NOT NULL")),
         Index("ix_queue_items_account", "account_id", "case_number", "stage_index"),
-        Index("ix_queue_items_batch", "batch_id"),
     )
 
     id: Mapped[int] = pk()
@@ -153,7 +155,8 @@ class Interaction(Base):
     __table_args__ = (
         Index("ix_interactions_account", "account_id", "occurred_at"),
         Index("ix_interactions_org_time", "organization_id", "occurred_at"),
-        Index("ix_interactions_campaign", "campaign_id", "occurred_at"),
+        Index("ix_interactions_campaign", "campaign_id", "occurred_at", sqlite_where=text("campaign_id IS NOT NULL"),
+              postgresql_where=text("campaign_id IS NOT NULL")),
         Index("ix_interactions_provider_ref", "provider_ref"),
     )
 

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-23 01:58:25.883338
+Create Date: 2026-11-23 06:30:16.983736
 """
 
 from __future__ import annotations
@@ -384,7 +384,7 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('interactions', schema=None) as batch_op:
         batch_op.create_index('ix_interactions_account', ['account_id', 'occurred_at'], unique=False)
-        batch_op.create_index('ix_interactions_campaign', ['campaign_id', 'occurred_at'], unique=False)
+        batch_op.create_index('ix_interactions_campaign', ['campaign_id', 'occurred_at'], unique=False, sqlite_where=sa.text('campaign_id IS NOT NULL'), postgresql_where=sa.text('campaign_id IS NOT NULL'))
         batch_op.create_index('ix_interactions_org_time', ['organization_id', 'occurred_at'], unique=False)
         batch_op.create_index('ix_interactions_provider_ref', ['provider_ref'], unique=False)
 
@@ -448,8 +448,7 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('queue_items', schema=None) as batch_op:
         batch_op.create_index('ix_queue_items_account', ['account_id', 'case_number', 'stage_index'], unique=False)
-        batch_op.create_index('ix_queue_items_batch', ['batch_id'], unique=False)
-        batch_op.create_index('ix_queue_items_campaign', ['campaign_id', 'status'], unique=False)
+        batch_op.create_index('ix_queue_items_campaign', ['campaign_id', 'status'], unique=False, sqlite_where=sa.text('campaign_id IS NOT NULL'), postgresql_where=sa.text('campaign_id IS NOT NULL'))
         batch_op.create_index('ix_queue_items_due', ['status', 'scheduled_at', 'stage_index', 'id'], unique=False)
         batch_op.create_index('ix_queue_items_org_status', ['organization_id', 'status', 'scheduled_at'], unique=False)
         batch_op.create_index('uq_queue_items_live_account_stage', ['account_id', 'stage_index'], unique=True, sqlite_where=sa.text("status IN ('pending', 'processing')"), postgresql_where=sa.text("status IN ('pending', 'processing')"))
@@ -588,8 +587,7 @@ def downgrade() -> None:
         batch_op.drop_index('uq_queue_items_live_account_stage', sqlite_where=sa.text("status IN ('pending', 'processing')"), postgresql_where=sa.text("status IN ('pending', 'processing')"))
         batch_op.drop_index('ix_queue_items_org_status')
         batch_op.drop_index('ix_queue_items_due')
-        batch_op.drop_index('ix_queue_items_campaign')
-        batch_op.drop_index('ix_queue_items_batch')
+        batch_op.drop_index('ix_queue_items_campaign', sqlite_where=sa.text('campaign_id IS NOT NULL'), postgresql_where=sa.text('campaign_id IS NOT NULL'))
         batch_op.drop_index('ix_queue_items_account')
 
     op.drop_table('queue_items')
@@ -600,7 +598,7 @@ def downgrade() -> None:
     with op.batch_alter_table('interactions', schema=None) as batch_op:
         batch_op.drop_index('ix_interactions_provider_ref')
         batch_op.drop_index('ix_interactions_org_time')
-        batch_op.drop_index('ix_interactions_campaign')
+        batch_op.drop_index('ix_interactions_campaign', sqlite_where=sa.text('campaign_id IS NOT NULL'), postgresql_where=sa.text('campaign_id IS NOT NULL'))
         batch_op.drop_index('ix_interactions_account')
 
     op.drop_table('interactions')
