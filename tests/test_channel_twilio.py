@@ -21,10 +21,11 @@ from duecourse.channels.registry import Providers, ProviderEnv
 from duecourse.channels.twilio import TwilioProvider, twilio_signature, verify_twilio_signature
 from duecourse.config import Settings
 from duecourse.engine import dispatch
-from duecourse.engine.cycle import tick
+from duecourse.engine.cycle import run_scheduled, tick
 from duecourse.engine.models import Direction, ExecutionLogEntry, Interaction, QueueItem
 from duecourse.ledger.models import Account
 from duecourse.messaging.models import Template
+from duecourse.tenancy.models import Organization
 from tests import fake_twilio
 from tests.engine_helpers import debtor, items, log, refresh, strategy
 from tests.fake_twilio import FakeTwilio
@@ -294,6 +295,35 @@ def test_sms_and_whatsapp_end_to_end_with_status_callbacks(db, org, client, cloc
     r = fake.post_callback(client, wa.sid, "undelivered", error_code="63016")
     assert r.status_code == 200 and r.json() == {"result": "duplicate"}
     assert _snapshot(db, aid) == after
+
+
+def test_a_failure_reported_before_the_send_is_recorded_is_applied_with_it(db, org, client, clock, app, fake):
+    """Twilio can report ``undelivered`` within seconds, while the worker is still sending the rest of
+    its batch and has not recorded this send. Answering "unknown" (200) would lose the report for
+    good: Twilio does not call again."""
+    _configure(org, fake, "sms")
+    providers = Providers(app.state.settings)
+    now = clock.now()
+    aid = _scenario(db, org, now, [("sms", "t", 0), ("sms", "p", 3)])
+    with db.transaction() as s:  # the scheduler's work (assignment and enqueue), no dispatch
+        run_scheduled(s, org=s.get(Organization, org.id), now=now, worker="scheduler")
+    batch = dispatch._Batch()
+    with db.transaction() as s:
+        (item_id,) = dispatch.claim(s, now=now, worker="w1", limit=10)
+        assert dispatch.process_item(s, item_id=item_id, now=now, worker="w1", providers=providers, batch=batch) == "sending"
+    dispatch._send_all(db, batch.sends, now=now)
+    [sms] = fake.sent
+    r = fake.post_callback(client, sms.sid, "undelivered", error_code="30003")
+    assert r.status_code == 200 and r.json() == {"result": "pending"}
+    # The worker records its batch: the send, then the report kept for it.
+    dispatch._record_all(db, batch.sends, now=now, worker="w1")
+    with db.transaction() as s:
+        events = [e[0] for e in log(s, aid)]
+        assert events.index("dispatched") < events.index("delivery_failed")
+        assert s.scalars(select(Interaction.status).where(Interaction.queue_item_id == item_id)).one() == "failed"
+        # The next SMS was queued at once, not three days later.
+        assert [(i[0], i[1]) for i in items(s, aid)] == [(0, "completed"), (1, "pending")]
+        assert items(s, aid)[1][2] == now
 
 
 def test_unknown_message_sid_is_acknowledged_and_changes_nothing(db, org, client, clock, fake):

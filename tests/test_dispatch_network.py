@@ -191,6 +191,32 @@ def test_a_delivery_report_faster_than_the_bookkeeping_is_applied_when_the_send_
     assert counts == {"dispatched": 1, "skipped": 1}
 
 
+def test_a_call_reported_failed_before_the_worker_recorded_it_is_a_delivery_failure(db, org, clock):
+    now = clock.now()
+    _setup(db, org, now, [("voice", "t", 0), ("sms", "p", 3)])
+    (aid,) = _debtors(db, org, now, 1, "NOCALL")
+    _enqueue(db, org.id, now)
+    remote = Remote()
+    providers = ByOrg({org.id: remote})
+    batch = _Batch()
+    with db.transaction() as s:
+        (item_id,) = claim(s, now=now, worker="w1", limit=10)
+        assert process_item(s, item_id=item_id, now=now, worker="w1", providers=providers, batch=batch) == "sending"
+    _send_all(db, batch.sends, now=now)
+    # The voice service says the number cannot be called, before the worker has recorded the call.
+    r = org.post("/api/v1/outcomes/call", role="manager", json={"provider_ref": f"remote-qi-{item_id}", "failed": True})
+    assert r.status_code == 200 and r.json() == {"result": "pending"}
+    run_due(db, now=now + timedelta(minutes=30), worker="w2", providers=providers)
+    with db.transaction() as s:
+        events = [e[0] for e in log(s, aid)]
+        assert events.index("dispatched") < events.index("delivery_failed")
+        assert s.scalars(select(Interaction.status).where(Interaction.queue_item_id == item_id)).one().value == "failed"
+        # The stage completed with the failure and the SMS was queued at once, not after the step timeout.
+        assert s.get(Account, aid).case_next_stage == 1
+        assert [(i[0], i[1]) for i in items(s, aid)][:1] == [(0, "completed")]
+        assert any(i[0] == 1 for i in items(s, aid))
+
+
 def test_an_account_being_sent_to_by_another_worker_waits(db, org, clock):
     now = clock.now()
     _setup(db, org, now, [("email", "t", 0), ("email", "t", 0)], multi_stage_handling="run_all_in_order")

@@ -62,6 +62,51 @@ def test_bounce_cancels_the_queued_next_stage_and_sends_it_at_once(db, org, cloc
         assert [m.channel for m in s.scalars(select(SandboxMessage).order_by(SandboxMessage.id))] == ["email", "sms"]
 
 
+def test_a_late_bounce_after_the_next_stage_went_out_sends_nothing_again(db, org, clock):
+    """Bounce notices can arrive days late. By then the case has made its next stage (a call, which
+    waits for its outcome); the bounce must not queue that call a second time."""
+    now = clock.now()
+    _setup(db, org, now, [("email", "t", 0), ("voice", "p", 1), ("email", "p", 5)])
+    aid = _new(db, org, now, "LATEBOUNCE")
+    tick(db, now=now)
+    clock.advance(days=1)
+    assert tick(db, now=clock.now())["dispatch"] == {"dispatched": 1}  # the call
+    with db.transaction() as s:
+        before = items(s, aid)
+    assert [(i[0], i[1]) for i in before] == [(0, "completed"), (1, "completed")]
+    assert _account(db, aid).case_next_stage == 1  # waiting for the call's outcome
+    clock.advance(days=2)
+    r = org.post("/api/v1/outcomes/delivery", role="manager", json={"queue_item_id": _item(db, aid, 0), "status": "bounced"})
+    assert r.status_code == 200 and r.json() == {"result": "stale"}
+    with db.transaction() as s:
+        assert items(s, aid) == before
+        assert [e[0] for e in log(s, aid)][-2:] == ["contact_invalid", "delivery_failed"]
+    assert _account(db, aid).case_next_stage == 1
+    assert tick(db, now=clock.now())["dispatch"] == {}
+    with db.transaction() as s:
+        assert [m.channel for m in s.scalars(select(SandboxMessage).order_by(SandboxMessage.id))] == ["email", "voice"]
+
+
+def test_the_same_failure_reported_twice_queues_the_next_stage_once(db, org, clock):
+    now = clock.now()
+    _setup(db, org, now, [("email", "t", 0), ("sms", "p", 5), ("email", "p", 5)])
+    aid = _new(db, org, now, "TWICE")
+    tick(db, now=now)
+    first = _item(db, aid, 0)
+    r = org.post("/api/v1/outcomes/delivery", role="manager", json={"queue_item_id": first, "status": "bounced"})
+    assert r.json() == {"result": "delivery_failure"}
+    with db.transaction() as s:
+        after_first = items(s, aid)
+        entries = len(log(s, aid))
+    # The same bounce again, reported another way (another event id): nothing more happens.
+    r = org.post("/api/v1/outcomes/delivery", role="manager", json={"queue_item_id": first, "status": "failed"})
+    assert r.status_code == 200 and r.json() == {"result": "duplicate"}
+    with db.transaction() as s:
+        assert items(s, aid) == after_first
+        assert len(log(s, aid)) == entries
+    assert [(i[0], i[1]) for i in after_first] == [(0, "completed"), (1, "pending")]
+
+
 def _call_retries(db, *, max_retries):
     """The first stage (a call) retried ``max_retries`` times, four hours apart, a step timing out after 24 hours."""
     with db.transaction() as s:

@@ -42,7 +42,7 @@ from duecourse.channels.twilio import SIGNATURE_HEADER, WHATSAPP_PREFIX, verify_
 from duecourse.deps import AppClock, DbSession
 from duecourse.engine import outcomes
 from duecourse.engine.cases import log_event
-from duecourse.engine.models import Direction, Interaction, InteractionStatus, QueueItem, QueueStatus
+from duecourse.engine.models import Direction, Interaction, InteractionStatus, QueueItem
 from duecourse.errors import NotFound, Unauthorized
 from duecourse.ledger.models import Account
 from duecourse.tenancy.models import Organization
@@ -135,11 +135,11 @@ async def twilio_status(organization_id: int, request: Request, session: DbSessi
         raise webhooks.BadWebhook("MessageSid and MessageStatus are required")
     if status not in FINAL_STATUSES:
         return {"result": "acknowledged", "status": status}
+    # Any item with this message: a report can arrive before the worker has recorded the send
+    # (record_delivery keeps it for then), and Twilio never sends again a callback answered 200.
     item = session.scalar(
-        select(QueueItem.id).where(
-            QueueItem.organization_id == organization_id, QueueItem.provider_ref == sid,
-            QueueItem.status == QueueStatus.completed.value,
-        )
+        select(QueueItem.id).where(QueueItem.organization_id == organization_id, QueueItem.provider_ref == sid)
+        .order_by(QueueItem.id.desc()).limit(1)
     )
     if item is None:
         log.warning("Twilio status %s for unknown message %s (organization %s, %s): ignored",

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from decimal import Decimal
 
-from sqlalchemy import and_, func, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from duecourse.engine.cases import advance, log_event, refresh_account_tab
@@ -178,6 +178,8 @@ def record_delivery(
         return "delivered"
     if status not in ("bounced", "failed", "undelivered"):
         raise ValidationFailed.on("status", "must be delivered, bounced, failed or undelivered")
+    if interaction is not None and interaction.status in (InteractionStatus.bounced, InteractionStatus.failed):
+        return "duplicate"  # the same failure reported again (another event id, another route)
     if interaction is not None:
         interaction.status = InteractionStatus.bounced if status == "bounced" else InteractionStatus.failed
     if status == "bounced" and item.action == "email" and not account.email_invalid:
@@ -190,7 +192,9 @@ def record_delivery(
     emit(session, organization_id=organization_id, type="message.bounced", now=now, data={
         **account_data(account), "queue_item_id": item.id, "stage_index": item.stage_index, "channel": item.action,
         "provider_ref": item.provider_ref, "status": status, "error": error})
-    if item.case_number != account.case_number:
+    if item.case_number != account.case_number or _moved_past(session, item):
+        # A late report (bounce notices can take days): the case has since sent a later stage or
+        # another attempt; acting on it would send that stage again.
         return "stale"
     org = _org(session, organization_id)
     nxt = item.stage_index + 1
@@ -248,11 +252,14 @@ def record_call_outcome(
     queue_item_id: int | None = None, provider_ref: str | None = None,
 ) -> str:
     """A voice call's result (§4.8): retries, callbacks, promises, adaptive timing, disputes."""
+    if report.failed:
+        # A call that never connected is a delivery failure, and may be reported before the
+        # worker has recorded the call (record_delivery keeps it for then).
+        return record_delivery(session, organization_id=organization_id, now=now, status="failed",
+                               queue_item_id=queue_item_id, provider_ref=provider_ref)
     item = _item(session, organization_id=organization_id, queue_item_id=queue_item_id, provider_ref=provider_ref)
     if str(item.action) not in CONVERSATIONS:
         raise ValidationFailed.on("queue_item_id", "is not a voice call or a WhatsApp conversation")
-    if report.failed:
-        return record_delivery(session, organization_id=organization_id, now=now, status="failed", queue_item_id=item.id)
     account = _account(session, item.account_id)
     interaction = session.scalar(select(Interaction).where(Interaction.queue_item_id == item.id).order_by(Interaction.id.desc()))
     if interaction is not None:
@@ -274,6 +281,19 @@ def _later_attempt(session: Session, item: QueueItem) -> bool:
     return session.scalar(
         select(QueueItem.id).where(QueueItem.account_id == item.account_id, QueueItem.case_number == item.case_number,
                                    QueueItem.stage_index == item.stage_index, QueueItem.id > item.id).limit(1)
+    ) is not None
+
+
+def _moved_past(session: Session, item: QueueItem) -> bool:
+    """Whether the case has dispatched (or is dispatching) something after ``item``: a later stage,
+    or another attempt at the same stage."""
+    later = or_(QueueItem.stage_index > item.stage_index,
+                and_(QueueItem.stage_index == item.stage_index, QueueItem.id > item.id))
+    return session.scalar(
+        select(QueueItem.id).where(
+            QueueItem.account_id == item.account_id, QueueItem.case_number == item.case_number, later,
+            QueueItem.status.in_((QueueStatus.completed.value, QueueStatus.processing.value)),
+        ).limit(1)
     ) is not None
 
 
