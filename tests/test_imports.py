@@ -203,6 +203,55 @@ def test_empty_cell_clears_an_optional_value(org, db):
     assert a1.email is None and tags_of(db, "A1") == []
 
 
+def test_an_import_never_takes_back_an_opt_out(org, db):
+    """The debtor opted out by a STOP reply or an unsubscribe link: the organization's next export,
+    which knows nothing of it, must not opt them back in (§4.7). A file can opt out."""
+    ok(org, "accounts", ACCOUNTS)
+    with db.transaction() as s:
+        a1 = s.scalars(select(Account).where(Account.external_id == "A1")).one()
+        a1.opt_out_sms = a1.opt_out_whatsapp = True  # as the STOP reply left it
+    before = snapshot(db)
+    report = ok(org, "accounts", ACCOUNTS)  # says false for every opt-out of A1
+    assert report["updated"] == 0 and snapshot(db) == before
+    ok(org, "accounts", "external_id,name,opt_out_sms,opt_out_voice\nA1,Ana García,,true\n")
+    a1 = accounts_by_ext(db)["A1"]
+    assert (a1.opt_out_email, a1.opt_out_sms, a1.opt_out_whatsapp, a1.opt_out_voice) == (False, True, True, True)
+
+
+def test_empty_flag_cells_change_nothing_and_explicit_values_apply(org, db):
+    ok(org, "accounts", ACCOUNTS)  # A3 is blocked ("legal hold")
+    ok(org, "accounts", "external_id,name,blocked,blocked_reason,paused\nA3,Carla Rossi,,legal hold,\n")
+    a3 = accounts_by_ext(db)["A3"]
+    assert (a3.blocked, a3.blocked_reason, a3.paused) == (True, "legal hold", False)
+    ok(org, "accounts", "external_id,name,blocked,blocked_reason\nA3,Carla Rossi,false,\n")
+    assert accounts_by_ext(db)["A3"].blocked is False
+
+
+def test_a_new_address_clears_the_invalid_flag_of_the_old_one(org, db):
+    ok(org, "accounts", ACCOUNTS)
+    with db.transaction() as s:
+        for a in s.scalars(select(Account).where(Account.external_id.in_(("A1", "A2")))):
+            a.email_invalid = a.phone_invalid = True  # bounced, failed
+    # A1 gets a new email (same phone); A2's row repeats its addresses.
+    ok(org, "accounts", "external_id,name,email,phone\nA1,Ana García,ana.new@example.com,+34600123456\n"
+                        "A2,Bob Smith,bob@example.com,+1 202-555-0143\n")
+    accs = accounts_by_ext(db)
+    assert (accs["A1"].email, accs["A1"].email_invalid, accs["A1"].phone_invalid) == ("ana.new@example.com", False, True)
+    assert (accs["A2"].email_invalid, accs["A2"].phone_invalid) == (True, True)
+
+
+def test_an_import_never_takes_back_a_dispute(org, db):
+    loaded(org)  # I1 undisputed, I3 disputed
+    with db.transaction() as s:
+        s.execute(text("UPDATE invoices SET disputed = TRUE WHERE external_id = 'I1'"))  # an agent's call recorded it
+    before = snapshot(db)
+    assert ok(org, "invoices", INVOICES)["updated"] == 0  # the file says I1 is not disputed
+    assert snapshot(db) == before
+    ok(org, "invoices", "external_id,account_external_id,total,issue_date,due_date,disputed\n"
+                        "I2,A1,40,2026-01-10,2026-03-10,true\n")
+    assert invoice_row(db, "I1")["disputed"] and invoice_row(db, "I2")["disputed"]
+
+
 def test_invoices_import_sets_balances_and_carrying_invoice(org, db):
     loaded(org)
     accs = accounts_by_ext(db)

@@ -380,13 +380,13 @@ ACCOUNT_COLUMNS: tuple[Col, ...] = (
     Col("currency", parse_currency, empty_is_absent=True),
     Col("score", parse_score),
     Col("tags", parse_tags, default=()),
-    Col("opt_out_email", parse_bool, default=False),
-    Col("opt_out_sms", parse_bool, default=False),
-    Col("opt_out_whatsapp", parse_bool, default=False),
-    Col("opt_out_voice", parse_bool, default=False),
-    Col("blocked", parse_bool, default=False),
+    Col("opt_out_email", parse_bool, default=False, empty_is_absent=True),
+    Col("opt_out_sms", parse_bool, default=False, empty_is_absent=True),
+    Col("opt_out_whatsapp", parse_bool, default=False, empty_is_absent=True),
+    Col("opt_out_voice", parse_bool, default=False, empty_is_absent=True),
+    Col("blocked", parse_bool, default=False, empty_is_absent=True),
     Col("blocked_reason", text_parser(500)),
-    Col("paused", parse_bool, default=False),
+    Col("paused", parse_bool, default=False, empty_is_absent=True),
 )
 
 INVOICE_COLUMNS: tuple[Col, ...] = (
@@ -399,7 +399,7 @@ INVOICE_COLUMNS: tuple[Col, ...] = (
     Col("issue_date", parse_date, required=True),
     Col("due_date", parse_date, required=True),
     Col("status", _enum_parser(("open", "paid", "void")), default="open", empty_is_absent=True),
-    Col("disputed", parse_bool, default=False),
+    Col("disputed", parse_bool, default=False, empty_is_absent=True),
 )
 
 PAYMENT_COLUMNS: tuple[Col, ...] = (

@@ -551,17 +551,41 @@ def _accounts_check(sql: _Sql, errors: ErrorLog) -> None:
     )
 
 
+# Opt-outs only ever go one way in an import: a file can opt an account out of a channel, never
+# back in. The debtor's own opt-out (a STOP reply, an unsubscribe link) is not in the
+# organization's systems, and the next export from them would otherwise undo it (§4.7). Clearing
+# an opt-out is a deliberate act on the account (API or account page).
+_ONE_WAY = ("opt_out_email", "opt_out_sms", "opt_out_whatsapp", "opt_out_voice")
+# A new address is a new chance: the flag a bounce or a failed number set on the old one goes.
+_INVALID_FLAG = {"email": "email_invalid", "phone": "phone_invalid", "whatsapp": "whatsapp_invalid"}
+
+
+def _account_differs(sql: _Sql, f: str) -> str:
+    if f in _ONE_WAY:
+        return f"({sql.has(f)} AND s.{f} AND NOT t.{f})"
+    return f"({sql.has(f)} AND {sql.ne('t.' + f, 's.' + f)})"
+
+
+def _account_set(sql: _Sql, f: str) -> str:
+    if f in _ONE_WAY:
+        return f"{f} = (t.{f} OR ({sql.has(f)} AND s.{f}))"
+    return f"{f} = {sql.pick(f)}"
+
+
 def _accounts_apply(sql: _Sql, report: ImportReport, base_currency: str) -> None:
     tags_differ = f"""(
         (SELECT COUNT(*) FROM account_tags g WHERE g.account_id = t.id) <> s.tags
         OR EXISTS (SELECT 1 FROM {STAGE_TAGS} st WHERE st.row_no = s.row_no AND NOT EXISTS (
             SELECT 1 FROM account_tags g WHERE g.account_id = t.id AND g.tag = st.tag)))"""
     differs = " OR ".join(
-        [f"({sql.has(f)} AND {sql.ne('t.' + f, 's.' + f)})" for f in _ACCOUNT_FIELDS]
-        + [f"({sql.has('tags')} AND {tags_differ})"]
+        [_account_differs(sql, f) for f in _ACCOUNT_FIELDS] + [f"({sql.has('tags')} AND {tags_differ})"]
     )
     sql.exec(f"UPDATE {STAGE} AS s SET changed = TRUE FROM accounts AS t WHERE t.id = s.target_id AND ({differs})")
-    sets = ", ".join(f"{f} = {sql.pick(f)}" for f in _ACCOUNT_FIELDS)
+    sets = ", ".join(
+        [_account_set(sql, f) for f in _ACCOUNT_FIELDS]
+        + [f"{flag} = CASE WHEN {sql.has(address)} AND {sql.ne('t.' + address, 's.' + address)} THEN FALSE "
+           f"ELSE t.{flag} END" for address, flag in _INVALID_FLAG.items()]
+    )
     report.updated = sql.exec(
         f"UPDATE accounts AS t SET {sets}, updated_at = :now FROM {STAGE} AS s WHERE s.changed AND t.id = s.target_id"
     ).rowcount
@@ -677,7 +701,10 @@ def _invoices_apply(sql: _Sql, report: ImportReport) -> None:
             f"t.amount_paid <> {paid}",
             f"t.status <> {status}",
             f"({sql.has('number')} AND t.number <> s.number)",
-            f"({sql.has('disputed')} AND t.disputed <> s.disputed)",
+            # Like opt-outs, a dispute only goes one way in an import: one recorded in duecourse
+            # (an agent's call, the API) is not in the organization's file, and dunning a
+            # disputed invoice is what must never happen (§2). Clearing it is an act on the invoice.
+            f"({sql.has('disputed')} AND s.disputed AND NOT t.disputed)",
         ]
     )
     sql.exec(f"UPDATE {STAGE} AS s SET changed = TRUE FROM invoices AS t WHERE t.id = s.target_id AND ({differs})")
@@ -685,7 +712,8 @@ def _invoices_apply(sql: _Sql, report: ImportReport) -> None:
     report.updated = sql.exec(
         f"""UPDATE invoices AS t SET account_id = s.account_id, currency = s.account_currency, total = s.total,
                 issue_date = s.issue_date, due_date = s.due_date, amount_paid = {paid}, status = {status},
-                number = {sql.pick("number")}, disputed = {sql.pick("disputed")}, updated_at = :now
+                number = {sql.pick("number")}, disputed = (t.disputed OR ({sql.has("disputed")} AND s.disputed)),
+                updated_at = :now
             FROM {STAGE} AS s WHERE s.changed AND t.id = s.target_id"""
     ).rowcount
     report.inserted = sql.exec(
