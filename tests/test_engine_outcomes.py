@@ -314,6 +314,52 @@ def test_promise_kept_and_promise_broken_on_a_finished_sequence(db, org, clock):
         assert [(i[0], i[1]) for i in items(s, breaker)][-1] == (0, "completed")  # the call went out again
 
 
+def test_a_promise_holds_contact_on_an_account_no_strategy_has_taken_yet(db, org, clock):
+    """The debtor promised before any strategy took the account (a call logged by hand, the API). The
+    strategy's run must not open a case and write to them before the promised date (§4.8)."""
+    now = clock.now()  # Monday 2026-03-02 09:00 UTC, after the strategy's 07:00 run
+    with db.transaction() as s:
+        aid = debtor(s, org.id, now, "EARLY", due=date(2026, 3, 1)).id
+        refresh(s, org.id, now)
+    r = org.post("/api/v1/promises", role="agent", json={"account_id": aid, "amount": "100.00", "promised_date": "2026-03-05"})
+    assert r.status_code == 201, r.text
+    assert _account(db, aid).status == "promise_pending"
+    _setup(db, org, now, [("email", "t", 0)])
+    for _day in range(3):  # Monday to Wednesday
+        assert tick(db, now=clock.now())["dispatch"] == {}
+        clock.advance(days=1)
+    acct = _account(db, aid)
+    assert (acct.status, acct.strategy_id) == ("promise_pending", None)
+    with db.transaction() as s:
+        assert items(s, aid) == []
+    clock.set(utc(2026, 3, 6, 9))  # promised date + 1 day of grace, nothing paid: broken
+    r = tick(db, now=clock.now())
+    assert r["promises_broken"] == 1 and r["dispatch"] == {"dispatched": 1}  # now the strategy takes it
+    assert _account(db, aid).strategy_id is not None
+
+
+def test_cancelling_the_promise_resumes_contact(db, org, clock):
+    now = clock.now()
+    _setup(db, org, now, [("email", "t", 0), ("email", "p", 2)])
+    aid = _new(db, org, now, "WITHDRAWN")
+    tick(db, now=now)
+    r = org.post("/api/v1/promises", role="agent", json={"account_id": aid, "amount": "100.00", "promised_date": "2026-03-20"})
+    promise_id = r.json()["id"]
+    assert _account(db, aid).status == "promise_pending"
+    clock.advance(days=3)
+    assert tick(db, now=clock.now())["dispatch"] == {}  # held by the promise
+    r = org.post(f"/api/v1/promises/{promise_id}/cancel", role="agent")
+    assert r.status_code == 200 and r.json()["status"] == "cancelled"
+    acct = _account(db, aid)
+    assert (acct.status, acct.collection_tab) == ("in_auto_management", "engaged")
+    with db.transaction() as s:
+        assert log(s, aid)[-1] == ("promise_cancelled", None, None)
+    clock.advance(days=1)
+    assert tick(db, now=clock.now())["dispatch"] == {"dispatched": 1}  # the second email, no longer held
+    with db.transaction() as s:
+        assert [(i[0], i[1]) for i in items(s, aid)][-1] == (1, "completed")
+
+
 def test_a_reset_after_a_broken_promise_counts_its_stages_from_the_reset(db, org, clock):
     now = clock.now()  # Monday 2026-03-02; the invoice fell due the day before
     _setup(db, org, now, [("email", "t", 0), ("email", "t", 8)])

@@ -143,12 +143,15 @@ def open_cases(
 
 
 def _assignable(org_id: int) -> ColumnElement[bool]:
-    # The Outstanding tab is exactly: money owed, no strategy, not blocked, not excluded (§6).
+    # The Outstanding tab is exactly: money owed, no strategy, not blocked, not excluded (§6). An
+    # account waiting for a promised payment or a callback it asked for is left alone until then
+    # (§4.8), strategy or not: opening a case would contact the debtor before the promised date.
     return and_(
         Account.organization_id == org_id,
         Account.collection_tab == CollectionTab.outstanding.value,
         Account.strategy_id.is_(None),
         Account.paused.is_(False),
+        Account.status.not_in((AccountStatus.promise_pending.value, AccountStatus.callback_pending.value)),
     )
 
 

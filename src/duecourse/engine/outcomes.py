@@ -491,6 +491,26 @@ def promise_made(session: Session, *, account: Account, promise: Promise, now: d
     refresh_account_tab(session, account)
 
 
+def promise_cancelled(session: Session, *, account: Account, promise: Promise, now: datetime) -> None:
+    """A pending promise was withdrawn: unless another one is still pending, contact resumes where
+    the sequence stands (what a kept promise with money still owed does)."""
+    account = _account(session, account.id)
+    log_event(session, account, at=now, event="promise_cancelled", details={"promise_id": promise.id})
+    if account.status != AccountStatus.promise_pending:
+        return
+    other = session.scalar(select(Promise.id).where(
+        Promise.account_id == account.id, Promise.status == PromiseStatus.pending, Promise.id != promise.id).limit(1))
+    if other is not None:
+        return
+    if account.strategy_id is None:
+        account.status = AccountStatus.unassigned
+    else:
+        account.status = (
+            AccountStatus.sequence_completed if account.case_sequence_finished else AccountStatus.in_auto_management
+        )
+    refresh_account_tab(session, account)
+
+
 def settle_promises(session: Session, *, organization_id: int, now: datetime) -> dict[str, int]:
     """§4.8: at the promised date plus the grace period a pending promise is kept (payments since it was
     made cover it) or broken (the account becomes ``promise_overdue``)."""

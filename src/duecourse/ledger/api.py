@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Response
 
 from duecourse.deps import AppClock, DbSession, Reader, requires
-from duecourse.engine.outcomes import promise_made
+from duecourse.engine.outcomes import promise_cancelled, promise_made
 from duecourse.ledger import service
 from duecourse.ledger.models import Account, AccountStatus, CollectionTab, InvoiceStatus, PromiseStatus
 from duecourse.ledger.schemas import (
@@ -318,6 +318,7 @@ def cancel_promise(promise_id: int, session: DbSession, clock: AppClock, princip
     promise = service.cancel_promise(
         session, organization_id=principal.organization_id, promise_id=promise_id, now=clock.now()
     )
+    promise_cancelled(session, account=session.get(Account, promise.account_id), promise=promise, now=clock.now())
     return service.promise_view(promise)
 
 
