@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from duecourse.ledger.derived import refresh_accounts
 from duecourse.ledger.import_rows import parse_email, parse_phone
 from duecourse.ledger.imports import ImportRejected, run_import
-from duecourse.ledger.models import Account
+from duecourse.ledger.models import Account, Payment
 from duecourse.tenancy.service import get_settings
 
 ACCOUNTS_HEADER = (
@@ -250,6 +250,32 @@ def test_an_import_never_takes_back_a_dispute(org, db):
     ok(org, "invoices", "external_id,account_external_id,total,issue_date,due_date,disputed\n"
                         "I2,A1,40,2026-01-10,2026-03-10,true\n")
     assert invoice_row(db, "I1")["disputed"] and invoice_row(db, "I2")["disputed"]
+
+
+def test_voiding_or_moving_an_invoice_by_import_gives_its_payment_back(org, db):
+    """A payment recorded in duecourse settled invoice X. The ERP then voids X and issues Y instead
+    (and moves invoice Z to another account): the payment must settle Y, not stay on X, and the
+    debtor must not be dunned for money already paid (§2)."""
+    ok(org, "accounts", "external_id,name\nB1,Beatriz\nB2,Bruno\n")
+    ok(org, "invoices", "external_id,account_external_id,total,issue_date,due_date\n"
+                        "X,B1,100,2026-01-01,2026-02-01\nZ,B1,50,2026-01-05,2026-02-05\n")
+    ok(org, "payments", "external_id,account_external_id,amount,paid_on\nP,B1,150,2026-02-10\n")
+    assert (invoice_row(db, "X")["status"], invoice_row(db, "Z")["status"]) == ("paid", "paid")
+    ok(org, "invoices", "external_id,account_external_id,total,issue_date,due_date,status\n"
+                        "X,B1,100,2026-01-01,2026-02-01,void\nY,B1,100,2026-01-01,2026-02-01,open\n"
+                        "Z,B2,50,2026-01-05,2026-02-05,open\n")
+    x, y, z = invoice_row(db, "X"), invoice_row(db, "Y"), invoice_row(db, "Z")
+    assert (x["status"], x["amount_paid"]) == ("void", 0)
+    assert (y["status"], y["amount_paid"]) == ("paid", y["total"])
+    assert (z["status"], z["amount_paid"]) == ("open", 0)
+    accs = accounts_by_ext(db)
+    assert (accs["B1"].balance, accs["B2"].balance) == (Decimal(0), Decimal(50))
+    with db.transaction() as s:
+        payment = s.scalars(select(Payment).where(Payment.external_id == "P")).one()
+        assert payment.unallocated == Decimal(50)  # what settled Z is B1's credit again
+        allocated_to = s.execute(text(
+            "SELECT i.external_id FROM payment_allocations a JOIN invoices i ON i.id = a.invoice_id")).scalars().all()
+    assert allocated_to == ["Y"]
 
 
 def test_invoices_import_sets_balances_and_carrying_invoice(org, db):

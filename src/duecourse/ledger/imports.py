@@ -59,6 +59,7 @@ from sqlalchemy.orm import Session
 
 from duecourse.db.base import MONEY_PLACES, MONEY_SCALE, UTCDateTime
 from duecourse.errors import DomainError, FieldError, NotFound
+from duecourse.ledger.allocation import allocate_payments, release_allocations
 from duecourse.ledger.derived import refresh_accounts, refresh_accounts_single_pass
 from duecourse.ledger.import_rows import (
     COLUMNS,
@@ -84,11 +85,6 @@ try:  # psycopg's own COPY text formatter (C), used without a COPY in progress: 
 except ImportError:  # pragma: no cover - a psycopg without it: the writer thread formats the rows
     _CopyFormatter = None
     _CopyTransformer = None
-
-try:  # owned by the ledger API work; imports still run (payments stay unallocated) without it
-    from duecourse.ledger.allocation import allocate_payments
-except ImportError:  # pragma: no cover - depends on the state of the tree
-    allocate_payments = None
 
 BATCH_ROWS = 5000
 ANALYZE_AFTER_ROWS = 5000
@@ -688,7 +684,24 @@ def _status(sql: _Sql, paid: str, stored: str | None) -> str:
     return f"(CASE WHEN {sql.has('status')} THEN {given} ELSE {kept} END)"
 
 
+def _release_voided_and_moved(sql: _Sql) -> None:
+    """An invoice the file voids, or moves to another account, gives back what payments recorded in
+    duecourse allocated to it: their payments get it back as credit, which the allocation after the
+    import places on the debtor's other open invoices (§2), as voiding through the API does.
+    Otherwise the payment stayed on an invoice nobody owes any more, and the debtor was dunned for
+    money already paid."""
+    gives_back = f"""s.allocated > 0 AND (({sql.has('status')} AND s.status = 'void' AND t.status <> 'void')
+                                         OR s.account_id <> t.account_id)"""
+    released = [r[0] for r in sql.exec(
+        f"SELECT s.target_id FROM {STAGE} s JOIN invoices t ON t.id = s.target_id WHERE {gives_back}"
+    )]
+    if released:
+        sql.exec(f"UPDATE {STAGE} AS s SET allocated = 0 FROM invoices AS t WHERE t.id = s.target_id AND {gives_back}")
+        release_allocations(sql.session, organization_id=sql.params["org"], now=sql.now, invoice_ids=released)
+
+
 def _invoices_apply(sql: _Sql, report: ImportReport) -> None:
+    _release_voided_and_moved(sql)
     paid = _paid(sql)
     status = _status(sql, paid, "t.status")
     differs = " OR ".join(
@@ -840,7 +853,7 @@ def _after_apply(session: Session, sql: _Sql, stager: _Stager, report: ImportRep
     if report.updated or (report.inserted and kind is not ImportKind.accounts):
         # (a SELECT, not a list: the set can hold a million ids)
         affected = select(stager.affected.c.account_id)
-        if kind is not ImportKind.accounts and allocate_payments is not None and _has_credit(sql, affected):
+        if kind is not ImportKind.accounts and _has_credit(sql, affected):
             allocate_payments(session, organization_id=organization_id, account_ids=affected, now=now, refresh=False)
             if kind is ImportKind.invoices:
                 sql.analyze("invoices", report.inserted + report.updated)
