@@ -525,6 +525,67 @@ def test_paying_the_carrying_invoice_restarts_the_case_on_the_next_invoice(db, o
     assert r["dispatch"] == {"dispatched": 1}
 
 
+def test_a_queued_stage_about_a_paid_invoice_is_withdrawn_before_the_restart(db, org, clock):
+    """The debtor pays the case's invoice after the day's run queued its next stage (waiting for the
+    allowed hours) but before it goes out. That message is about a paid invoice: it is withdrawn,
+    and the next run restarts the case on the other invoice (§4.2)."""
+    from duecourse.ledger.models import Invoice
+
+    now = clock.now()  # Monday 09:00 UTC
+    _setup(db, org, now, [("email", "t", 0), ("email", "p", 1)])
+    org.patch("/api/v1/settings", json={"dispatch": {"allowed_hours": {"email": {"start": "10:00", "end": "18:00"}}}})
+    with db.transaction() as s:
+        a = debtor(s, org.id, now, "PAIDFIRST", due=date(2026, 2, 20), total="100.00")
+        s.add(Invoice(organization_id=org.id, account_id=a.id, external_id="PAIDFIRST-2", number="PAIDFIRST-2",
+                      currency="EUR", total=Decimal("80.00"), issue_date=date(2026, 2, 1), due_date=date(2026, 3, 2),
+                      created_at=now, updated_at=now))
+        s.flush()
+        refresh(s, org.id, now)
+        aid = a.id
+    clock.set(utc(2026, 3, 2, 9, 30))  # 10:30 in Madrid: stage 0 goes out
+    assert tick(db, now=clock.now())["dispatch"] == {"dispatched": 1}
+    clock.set(utc(2026, 3, 3, 7, 0))  # Tuesday 08:00 Madrid: the run queues stage 1 for 10:00
+    tick(db, now=clock.now())
+    with db.transaction() as s:
+        pending = [i for i in items(s, aid) if i[1] == "pending"]
+    assert [(i[0], i[2]) for i in pending] == [(1, utc(2026, 3, 3, 9, 0))]
+    pay = org.post("/api/v1/payments", role="agent", json={"account_id": aid, "amount": "100.00", "paid_on": "2026-03-03"})
+    assert pay.status_code == 201
+    clock.set(utc(2026, 3, 3, 9, 35))  # a day after the first email: no limit holds it back
+    assert tick(db, now=clock.now())["dispatch"] == {"cancelled": 1}
+    with db.transaction() as s:
+        assert ("cancelled", 1, "carrying_invoice_changed") in log(s, aid)
+        assert [m.subject for m in s.scalars(select(SandboxMessage).order_by(SandboxMessage.id))] == ["Invoice PAIDFIRST-1"]
+    clock.set(utc(2026, 3, 4, 9, 5))  # Wednesday: the run restarts the case on the other invoice
+    tick(db, now=clock.now())
+    acct = _account(db, aid)
+    assert acct.case_number == 2 and acct.case_invoice_id == acct.carrying_invoice_id
+
+
+def test_deleting_the_cases_invoice_restarts_the_case(db, org, clock):
+    from duecourse.ledger.models import Invoice
+
+    now = clock.now()
+    _setup(db, org, now, [("email", "t", 0), ("email", "p", 7)])
+    with db.transaction() as s:
+        a = debtor(s, org.id, now, "GONE", due=date(2026, 2, 20), total="100.00")
+        s.add(Invoice(organization_id=org.id, account_id=a.id, external_id="GONE-2", number="GONE-2", currency="EUR",
+                      total=Decimal("80.00"), issue_date=date(2026, 2, 1), due_date=date(2026, 3, 2), created_at=now, updated_at=now))
+        s.flush()
+        refresh(s, org.id, now)
+        aid, first = a.id, a.carrying_invoice_id
+    tick(db, now=now)
+    assert _account(db, aid).case_invoice_id == first
+    r = org.delete(f"/api/v1/invoices/{first}", role="manager")
+    assert r.status_code == 204, r.text
+    clock.advance(days=1)
+    tick(db, now=clock.now())
+    acct = _account(db, aid)
+    assert acct.case_number == 2 and acct.case_invoice_id == acct.carrying_invoice_id != first
+    with db.transaction() as s:
+        assert ("restarted", 0, None) in log(s, aid)
+
+
 def test_a_requested_callback_is_not_held_by_the_daily_limit(db, org, clock):
     now = clock.now()
     _setup(db, org, now, [("voice", "t", 0)])

@@ -361,6 +361,11 @@ def _revalidate(ctx: _Ctx) -> str | None:
         return _cancel(ctx, "resolved")
     if item.case_number != a.case_number or a.strategy_id != item.strategy_id:
         return _cancel(ctx, "superseded")
+    if a.case_invoice_id is not None and a.carrying_invoice_id is not None and a.case_invoice_id != a.carrying_invoice_id:
+        # The invoice the case is about was paid, voided or deleted: its next message (a final
+        # notice for it, say) must not go out. The strategy's next run restarts the case on the new
+        # carrying invoice (§4.2).
+        return _cancel(ctx, "carrying_invoice_changed")
     if a.blocked or a.collection_tab == CollectionTab.blocked:
         return _cancel(ctx, "account_blocked")
     if a.paused:

@@ -160,8 +160,8 @@ class Account(Base):
     # by chaining from a date before its case existed.
     case_opened_on: Mapped[date | None] = mapped_column(Date)
     case_anchor_date: Mapped[date | None] = mapped_column(Date)
-    # No foreign key (like carrying_invoice_id): a pointer the ledger keeps itself, cleared when its
-    # invoice is deleted (ledger.service.delete_invoice).
+    # No foreign key (like carrying_invoice_id): the invoice the case was opened on. When it is no
+    # longer the carrying invoice (paid, voided, deleted), the case restarts on the new one (§4.2).
     case_invoice_id: Mapped[int | None] = mapped_column(BigId)
     case_next_stage: Mapped[int | None] = mapped_column(SmallInteger)
     case_prev_completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

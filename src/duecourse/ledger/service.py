@@ -19,7 +19,7 @@ from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import delete, false, func, or_, select, true, update
+from sqlalchemy import delete, false, func, or_, select, true
 from sqlalchemy.orm import Session
 
 from duecourse.engine.models import ExecutionLogEntry, Interaction
@@ -553,14 +553,9 @@ def delete_invoice(session: Session, *, organization_id: int, invoice_id: int, n
     _lock_accounts(session, [account_id])
     allocation.release_allocations(session, organization_id=organization_id, invoice_ids=[invoice.id], now=now)
     session.execute(delete(Invoice).where(Invoice.id == invoice.id))
-    # case_invoice_id has no foreign key (no ON DELETE SET NULL): clear it here. carrying_invoice_id
-    # is recomputed by the refresh that allocate_payments ends with.
-    session.execute(
-        update(Account)
-        .where(Account.id == account_id, Account.case_invoice_id == invoice.id)
-        .values(case_invoice_id=None)
-        .execution_options(synchronize_session=False)
-    )
+    # carrying_invoice_id is recomputed by the refresh that allocate_payments ends with. A case
+    # opened on this invoice keeps pointing at it (no foreign key): it no longer matches the
+    # carrying invoice, so the case restarts on the new one (§4.2) and its old items are withdrawn.
     allocation.allocate_payments(session, organization_id=organization_id, account_ids=[account_id], now=now)
 
 
