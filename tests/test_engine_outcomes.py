@@ -297,7 +297,10 @@ def test_promise_kept_and_promise_broken_on_a_finished_sequence(db, org, clock):
     clock.set(utc(2026, 3, 4, 12))
     pay = org.post("/api/v1/payments", role="agent", json={"account_id": payer, "amount": "100.00", "paid_on": "2026-03-04"})
     assert pay.status_code == 201, pay.text
-    clock.set(utc(2026, 3, 6, 9))  # promised date + 1 day of grace
+    clock.set(utc(2026, 3, 6, 5, 30))  # the day of grace (06:30 in Madrid, before the 07:00 run): not settled yet
+    r = tick(db, now=clock.now())
+    assert (r["promises_kept"], r["promises_broken"]) == (0, 0)
+    clock.set(utc(2026, 3, 7, 9))  # the promised date and its day of grace are over
     r = tick(db, now=clock.now())
     assert (r["promises_kept"], r["promises_broken"]) == (1, 1)
     with db.transaction() as s:
@@ -311,7 +314,43 @@ def test_promise_kept_and_promise_broken_on_a_finished_sequence(db, org, clock):
     assert acct.status == "in_auto_management" and acct.case_sequence_finished is False
     with db.transaction() as s:
         assert ("reset", 0, None) in log(s, breaker)
-        assert [(i[0], i[1]) for i in items(s, breaker)][-1] == (0, "completed")  # the call went out again
+        # The call is queued again, for Monday: calls are not made on Saturdays.
+        assert items(s, breaker)[-1][:3] == (0, "pending", utc(2026, 3, 9, 7))  # 08:00 in Madrid
+
+
+def test_a_promise_is_settled_by_the_debtors_own_date(db, org, clock):
+    """A debtor in Honolulu (11 hours behind Madrid) promised for Thursday. Friday early morning in
+    Madrid it is still Thursday in Honolulu: the promise is not broken while its day lasts (§4.11),
+    and a grace of 0 days still leaves the whole promised day."""
+    org.patch("/api/v1/settings", json={"outcomes": {"promise_grace_days": 0}})
+    now = clock.now()
+    with db.transaction() as s:
+        aid = debtor(s, org.id, now, "HNL", due=date(2026, 3, 1), timezone="Pacific/Honolulu").id
+        refresh(s, org.id, now)
+    r = org.post("/api/v1/promises", role="agent", json={"account_id": aid, "amount": "50.00", "promised_date": "2026-03-04"})
+    assert r.status_code == 201, r.text
+    clock.set(utc(2026, 3, 4, 12))  # the promised day itself
+    assert tick(db, now=clock.now())["promises_broken"] == 0
+    clock.set(utc(2026, 3, 5, 1))  # Thursday 02:00 in Madrid, Wednesday 15:00 in Honolulu
+    assert tick(db, now=clock.now())["promises_broken"] == 0
+    assert _account(db, aid).status == "promise_pending"
+    clock.set(utc(2026, 3, 5, 10, 30))  # Thursday 00:30 in Honolulu: the promised day is over
+    assert tick(db, now=clock.now())["promises_broken"] == 1
+    assert _account(db, aid).status == "promise_overdue"
+
+
+def test_a_payment_recorded_before_the_promise_does_not_keep_it(db, org, clock):
+    now = clock.now()
+    with db.transaction() as s:
+        aid = debtor(s, org.id, now, "EARLYPAY", due=date(2026, 3, 1), total="300.00").id
+        refresh(s, org.id, now)
+    # Morning: 50 paid. Afternoon: the debtor promises 100 more for Wednesday, and never pays it.
+    assert org.post("/api/v1/payments", role="agent", json={"account_id": aid, "amount": "50.00", "paid_on": "2026-03-02"}).status_code == 201
+    clock.advance(hours=4)
+    org.post("/api/v1/promises", role="agent", json={"account_id": aid, "amount": "50.00", "promised_date": "2026-03-04"})
+    clock.set(utc(2026, 3, 6, 9))
+    r = tick(db, now=clock.now())
+    assert (r["promises_kept"], r["promises_broken"]) == (0, 1)
 
 
 def test_a_promise_holds_contact_on_an_account_no_strategy_has_taken_yet(db, org, clock):
@@ -332,7 +371,7 @@ def test_a_promise_holds_contact_on_an_account_no_strategy_has_taken_yet(db, org
     assert (acct.status, acct.strategy_id) == ("promise_pending", None)
     with db.transaction() as s:
         assert items(s, aid) == []
-    clock.set(utc(2026, 3, 6, 9))  # promised date + 1 day of grace, nothing paid: broken
+    clock.set(utc(2026, 3, 7, 9))  # the promised date and its day of grace are over, nothing paid: broken
     r = tick(db, now=clock.now())
     assert r["promises_broken"] == 1 and r["dispatch"] == {"dispatched": 1}  # now the strategy takes it
     assert _account(db, aid).strategy_id is not None

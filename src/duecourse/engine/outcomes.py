@@ -512,22 +512,31 @@ def promise_cancelled(session: Session, *, account: Account, promise: Promise, n
 
 
 def settle_promises(session: Session, *, organization_id: int, now: datetime) -> dict[str, int]:
-    """§4.8: at the promised date plus the grace period a pending promise is kept (payments since it was
-    made cover it) or broken (the account becomes ``promise_overdue``)."""
+    """§4.8: once the promised date and the grace days after it are over, in the debtor's own time
+    zone (§4.11), a pending promise is kept (payments recorded since it was made cover it) or broken
+    (the account becomes ``promise_overdue``). With a grace of 0 the debtor still has the whole
+    promised day."""
     org = _org(session, organization_id)
-    grace = get_settings(session, organization_id).outcomes.promise_grace_days
-    today = local_date(now, org.timezone)
-    due = session.scalars(
+    grace = timedelta(days=get_settings(session, organization_id).outcomes.promise_grace_days)
+    # Time zones put a debtor's date at most two days ahead of the organization's (UTC-12 against
+    # UTC+14): read the candidates by that, then decide each by its debtor's own date.
+    latest = local_date(now, org.timezone) + timedelta(days=2)
+    candidates = session.scalars(
         select(Promise).where(Promise.organization_id == organization_id, Promise.status == PromiseStatus.pending,
-                              Promise.promised_date <= today - timedelta(days=grace)).with_for_update()
+                              Promise.promised_date < latest - grace).order_by(Promise.id).with_for_update()
     ).all()
     counts = {"kept": 0, "broken": 0}
-    for promise in due:
-        made_on = local_date(promise.created_at, org.timezone)
-        paid = session.scalar(
-            select(func.coalesce(func.sum(Payment.amount), 0)).where(Payment.account_id == promise.account_id, Payment.paid_on >= made_on)
-        ) or Decimal(0)
+    for promise in candidates:
         account = _account(session, promise.account_id)
+        zone = account.timezone or org.timezone
+        if promise.promised_date + grace >= local_date(now, zone):
+            continue  # the debtor's promised day (or grace) is not over yet
+        made_on = local_date(promise.created_at, zone)
+        paid = session.scalar(
+            select(func.coalesce(func.sum(Payment.amount), 0)).where(
+                Payment.account_id == promise.account_id, Payment.paid_on >= made_on,
+                Payment.created_at >= promise.created_at)
+        ) or Decimal(0)
         promise.settled_at = now
         if Decimal(paid) >= promise.amount:
             promise.status = PromiseStatus.kept
