@@ -136,8 +136,28 @@ def test_unsubscribed_recipient_is_not_retryable_and_says_opted_out(fake):
     fake.unsubscribed.add(PHONE)
     with pytest.raises(ProviderError) as err:
         _provider(fake).send(_message())
-    assert (err.value.retryable, err.value.invalid_address) == (False, False)
+    assert (err.value.retryable, err.value.invalid_address, err.value.opted_out) == (False, False, True)
     assert "21610" in str(err.value) and "opted out" in str(err.value)
+
+
+def test_a_number_twilio_knows_as_opted_out_is_opted_out_here_too(db, org, clock, app, fake):
+    """The debtor opted out with Twilio in a way duecourse never saw (a keyword only Twilio's
+    Advanced Opt-Out knows, a reply to another sender). Twilio refuses with 21610: the account is
+    opted out of SMS, the stage is skipped as an opt-out, and no later SMS stage is attempted (§4.7)."""
+    _configure(org, fake)
+    providers = Providers(app.state.settings)
+    aid = _scenario(db, org, clock.now(), [("sms", "t", 0), ("sms", "p", 2)])
+    fake.unsubscribed.add(PHONE)
+    assert tick(db, now=clock.now(), providers=providers)["dispatch"] == {"skipped": 1}
+    with db.transaction() as s:
+        acct = s.get(Account, aid)
+        assert (acct.opt_out_sms, acct.opt_out_whatsapp, acct.case_next_stage) == (True, False, 1)
+        assert [(q.stage_index, q.status, q.reason) for q in _queue(db, aid)] == [(0, "skipped", "opt_out")]
+        assert ("opted_out", 0, "provider_opt_out") in log(s, aid)
+    clock.advance(days=2, hours=1)
+    tick(db, now=clock.now(), providers=providers)
+    assert len(fake.requests) == 1  # the second SMS stage is skipped without asking Twilio
+    assert [(q.stage_index, q.status, q.reason) for q in _queue(db, aid)][-1] == (1, "skipped", "opt_out")
 
 
 def test_wrong_credentials_are_not_retryable(fake):

@@ -34,10 +34,14 @@ class SendResult:
 class ProviderError(Exception):
     """A send that did not happen. ``retryable``: worth another attempt later (timeouts, 5xx)."""
 
-    def __init__(self, message: str, *, retryable: bool = True, invalid_address: bool = False) -> None:
+    def __init__(self, message: str, *, retryable: bool = True, invalid_address: bool = False,
+                 opted_out: bool = False) -> None:
         super().__init__(message)
         self.retryable = retryable
         self.invalid_address = invalid_address
+        # The provider refuses because the recipient opted out with it (e.g. Twilio 21610): the
+        # account is opted out of the channel here too.
+        self.opted_out = opted_out
 
 
 class Provider(Protocol):

@@ -156,7 +156,7 @@ def error_from_response(status: int, body: Mapping[str, Any] | None, text: str =
     if code == OPTED_OUT_CODE:
         return ProviderError(
             f"{label}: the recipient opted out (replied STOP to this sender); Twilio refuses to send ({detail})",
-            retryable=False,
+            retryable=False, opted_out=True,
         )
     if status == 429 or status >= 500:
         return ProviderError(f"{label} (HTTP {status}, will retry): {detail}", retryable=True)

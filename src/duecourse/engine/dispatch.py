@@ -649,6 +649,14 @@ def _hold(ctx: _Ctx, until: datetime, *, reason: str = "provider_unavailable") -
 
 
 def _provider_failed(ctx: _Ctx, exc: ProviderError) -> str:
+    if exc.opted_out:
+        # The debtor opted out in a way we did not see (a keyword only the provider knows, a reply
+        # to another sender): honour it here too, and skip the stage as an opt-out (§4.7).
+        channel = str(ctx.item.action)
+        setattr(ctx.account, f"opt_out_{channel}", True)
+        log_event(ctx.session, ctx.account, at=ctx.now, event="opted_out", stage_index=ctx.item.stage_index,
+                  queue_item_id=ctx.item.id, reason="provider_opt_out", details={"channel": channel, "error": str(exc)[:500]})
+        return _skip(ctx, "opt_out", advance_case=True)
     if exc.invalid_address:
         # The provider says the address does not exist: flag it, so no channel keeps trying it.
         setattr(ctx.account, INVALID_FLAG[str(ctx.item.action)], True)
