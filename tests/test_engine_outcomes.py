@@ -87,6 +87,30 @@ def test_a_late_bounce_after_the_next_stage_went_out_sends_nothing_again(db, org
         assert [m.channel for m in s.scalars(select(SandboxMessage).order_by(SandboxMessage.id))] == ["email", "voice"]
 
 
+def test_a_bounce_for_an_old_address_does_not_flag_the_new_one(db, org, clock):
+    now = clock.now()
+    _setup(db, org, now, [("email", "t", 0), ("email", "p", 5)])
+    aid = _new(db, org, now, "MOVED")
+    tick(db, now=now)
+    first = _item(db, aid, 0)
+    # The debtor's address is corrected before the old one's bounce comes back.
+    r = org.patch(f"/api/v1/accounts/{aid}", role="manager", json={"email": "moved.new@example.com"})
+    assert r.status_code == 200, r.text
+    r = org.post("/api/v1/outcomes/delivery", role="manager", json={"queue_item_id": first, "status": "bounced"})
+    assert r.status_code == 200 and r.json() == {"result": "delivery_failure"}
+    acct = _account(db, aid)
+    assert (acct.email, acct.email_invalid) == ("moved.new@example.com", False)
+    with db.transaction() as s:
+        events = [e[0] for e in log(s, aid)]
+        assert "delivery_failed" in events and "contact_invalid" not in events
+    # The next stage goes out (a day later: one contact a day), to the new address.
+    clock.advance(days=1)
+    assert tick(db, now=clock.now())["dispatch"] == {"dispatched": 1}
+    with db.transaction() as s:
+        assert [m.to for m in s.scalars(select(SandboxMessage).order_by(SandboxMessage.id))] == [
+            "moved@example.com", "moved.new@example.com"]
+
+
 def test_the_same_failure_reported_twice_queues_the_next_stage_once(db, org, clock):
     now = clock.now()
     _setup(db, org, now, [("email", "t", 0), ("sms", "p", 5), ("email", "p", 5)])

@@ -583,15 +583,21 @@ def _dispatch(ctx: _Ctx, providers: ProviderFactory, batch: _Batch | None = None
     return _record_sent(ctx, None, status=status)
 
 
-def _record_sent(ctx: _Ctx, provider_ref: str | None, *, status: InteractionStatus = InteractionStatus.sent) -> str:
-    """The stage's action happened: the interaction, the item completed, the case's advance (§4.6)."""
+def _record_sent(ctx: _Ctx, provider_ref: str | None, *, status: InteractionStatus = InteractionStatus.sent,
+                 address: str | None = None) -> str:
+    """The stage's action happened: the interaction, the item completed, the case's advance (§4.6).
+    ``address``: where the message went, when it was sent before this transaction (else the
+    account's address now)."""
     item, a, s = ctx.item, ctx.account, ctx.session
     channel = str(item.action)
     stage_count = len(ctx.strategy.stages) if ctx.strategy else 0
+    if address is None and channel in ADDRESS:
+        address = getattr(a, ADDRESS[channel])
     interaction = dict(
         organization_id=ctx.org.id, account_id=a.id, queue_item_id=item.id, strategy_id=item.strategy_id,
         campaign_id=item.campaign_id, stage_index=item.stage_index, channel=channel, direction=Direction.outbound,
-        status=status, provider_ref=provider_ref, occurred_at=ctx.now, created_at=ctx.now, is_manual=False,
+        status=status, provider_ref=provider_ref, address=address, occurred_at=ctx.now, created_at=ctx.now,
+        is_manual=False,
     )
     rows = dispatch_rows.current(s)
     if rows is not None:
@@ -876,7 +882,7 @@ def _record(session: Session, send: _Send, *, now: datetime, worker: str) -> str
     ctx = _Ctx(session, item, account, org, get_settings(session, org.id),
                _get(session, Strategy, item.strategy_id) if item.strategy_id else None, now)
     if send.provider_ref is not None:
-        return _record_sent(ctx, send.provider_ref)
+        return _record_sent(ctx, send.provider_ref, address=send.message.to)
     if send.withheld:
         # The account changed while the batch's messages went out: the same decisions as at the
         # start of a batch, with what is stored now (cancelled or skipped with the reason); if none

@@ -176,6 +176,9 @@ class Interaction(Base):
     direction: Mapped[Direction] = mapped_column(str_enum(Direction, "direction"), nullable=False)
     status: Mapped[InteractionStatus] = mapped_column(str_enum(InteractionStatus, "interaction_status"), nullable=False)
     provider_ref: Mapped[str | None] = mapped_column(String(255))
+    # Where an outbound message went (the account's address then): a bounce reported days later
+    # flags the address only if the account still has it.
+    address: Mapped[str | None] = mapped_column(String(320))
     outcome: Mapped[Outcome | None] = mapped_column(str_enum(Outcome, "outcome"))
     promise_amount: Mapped[Decimal | None] = mapped_column(Money)
     promise_date: Mapped[date | None] = mapped_column(Date)

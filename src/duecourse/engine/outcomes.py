@@ -182,8 +182,11 @@ def record_delivery(
         return "duplicate"  # the same failure reported again (another event id, another route)
     if interaction is not None:
         interaction.status = InteractionStatus.bounced if status == "bounced" else InteractionStatus.failed
-    if status == "bounced" and item.action == "email" and not account.email_invalid:
+    sent_to = interaction.address if interaction is not None else None
+    still_there = sent_to is None or sent_to.casefold() == (account.email or "").casefold()
+    if status == "bounced" and item.action == "email" and not account.email_invalid and still_there:
         # A hard bounce says the address does not exist: flag it (cleared when the address changes).
+        # A bounce for an address the account no longer has says nothing about the new one.
         account.email_invalid = True
         log_event(session, account, at=now, event="contact_invalid", stage_index=item.stage_index,
                   queue_item_id=item.id, reason="email_invalid", details={"error": error} if error else None)

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-23 06:30:16.983736
+Create Date: 2026-11-23 06:56:43.183651
 """
 
 from __future__ import annotations
@@ -367,6 +367,7 @@ def upgrade() -> None:
     sa.Column('direction', sa.Enum('outbound', 'inbound', name='direction', native_enum=False, create_constraint=True), nullable=False),
     sa.Column('status', sa.Enum('queued', 'sent', 'delivered', 'failed', 'bounced', 'answered', 'completed', 'received', name='interaction_status', native_enum=False, create_constraint=True), nullable=False),
     sa.Column('provider_ref', sa.String(length=255), nullable=True),
+    sa.Column('address', sa.String(length=320), nullable=True),
     sa.Column('outcome', sa.Enum('promise_to_pay', 'callback_requested', 'refused', 'dispute', 'wrong_party', 'paid_claimed', 'no_answer', 'dropped', name='outcome', native_enum=False, create_constraint=True), nullable=True),
     sa.Column('promise_amount', sa.BigInteger(), nullable=True),
     sa.Column('promise_date', sa.Date(), nullable=True),
