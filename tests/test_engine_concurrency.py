@@ -85,3 +85,55 @@ def test_two_schedulers_and_four_workers_send_every_contact_once(db, org, clock)
         ).all()
         assert len(per_stage) == 120 and {c for *_, c in per_stage} == {1}
         assert s.scalar(select(func.count()).select_from(SandboxMessage)) == 120
+
+
+def test_two_schedulers_time_out_a_waiting_call_once(db, org, clock):
+    """§4.10: a step timeout is handled by one scheduler. The second one, which read the same
+    waiting call before the first committed, waits for the account and then finds nothing to do
+    (it used to queue a second retry, or advance the case a second time)."""
+    if db.dialect != "postgresql":
+        pytest.skip("two schedulers at once are a PostgreSQL deployment (SQLite has one writer)")
+    from sqlalchemy import text
+
+    from duecourse.engine.cycle import tick
+    from duecourse.engine.outcomes import expire_step_timeouts
+    from duecourse.strategies.models import Stage
+
+    now = clock.now()
+    _setup(db, org, now, [("voice", "t", 0), ("email", "p", 2)])
+    with db.transaction() as s:
+        st = s.scalars(select(Stage).where(Stage.position == 0)).one()
+        st.max_retries, st.retry_delay_hours, st.step_timeout_hours = 1, 4, 24
+        aid = debtor(s, org.id, now, "RACE", due=date(2026, 3, 1)).id
+        refresh(s, org.id, now)
+    assert tick(db, now=now)["dispatch"] == {"dispatched": 1}
+    later = now + timedelta(hours=25)
+    results: dict[str, object] = {}
+
+    def second() -> None:
+        other = Database(db.url)
+        try:
+            with other.transaction() as s:
+                results["second"] = expire_step_timeouts(s, organization_id=org.id, now=later)
+        except BaseException as exc:  # noqa: BLE001
+            results["second"] = exc
+        finally:
+            other.dispose()
+
+    with db.transaction() as s:
+        results["first"] = expire_step_timeouts(s, organization_id=org.id, now=later)
+        thread = threading.Thread(target=second)
+        thread.start()
+        with db.engine.connect() as watcher:  # wait until the second scheduler waits for the account
+            for _ in range(200):
+                waiting = watcher.execute(text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+                )).scalar()
+                if waiting or not thread.is_alive():
+                    break
+                threading.Event().wait(0.05)
+    thread.join(30)
+    assert results == {"first": 1, "second": 0}
+    with db.transaction() as s:
+        retries = s.scalars(select(QueueItem).where(QueueItem.account_id == aid, QueueItem.status == "pending")).all()
+        assert [(q.stage_index, q.scheduled_at) for q in retries] == [(0, later + timedelta(hours=4))]

@@ -107,8 +107,13 @@ def _item(
     return item
 
 
-def _account(session: Session, account_id: int) -> Account:
-    account = session.scalar(select(Account).where(Account.id == account_id).with_for_update())
+def _account(session: Session, account_id: int, *, fresh: bool = False) -> Account:
+    """The account, locked. ``fresh``: its values as committed now, even if this session read it
+    before (another process may have changed it while this one waited for the lock)."""
+    stmt = select(Account).where(Account.id == account_id).with_for_update()
+    if fresh:
+        stmt = stmt.execution_options(populate_existing=True)
+    account = session.scalar(stmt)
     assert account is not None
     return account
 
@@ -647,6 +652,13 @@ def expire_step_timeouts(session: Session, *, organization_id: int, now: datetim
             continue
         if item.sent_at is None or item.sent_at + timedelta(hours=timeout_hours or 24) > now:
             continue
+        # Decide with the account locked, and everything read again: another scheduler may have
+        # handled this timeout (or an outcome arrived) since the list above was read; it held the
+        # lock until it committed (§4.10: only one process does each piece of work).
+        account = _account(session, item.account_id, fresh=True)
+        if (account.case_number != item.case_number or account.case_next_stage != item.stage_index
+                or account.status not in _WAITING_STATUSES):
+            continue
         answered = session.scalar(select(Interaction.id).where(Interaction.queue_item_id == item.id, Interaction.outcome.is_not(None)))
         if answered is not None:
             continue
@@ -654,7 +666,6 @@ def expire_step_timeouts(session: Session, *, organization_id: int, now: datetim
         if session.scalar(select(QueueItem.id).where(QueueItem.account_id == item.account_id, QueueItem.case_number == item.case_number,
                                                       QueueItem.stage_index == item.stage_index, QueueItem.id > item.id)):
             continue
-        account = _account(session, item.account_id)
         if _waits_for_callback_expiry(account, item):
             continue  # the callback's own expiry decides
         log_event(session, account, at=now, event="step_timeout", stage_index=item.stage_index, queue_item_id=item.id)
