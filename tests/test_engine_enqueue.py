@@ -102,6 +102,25 @@ def test_sms_to_debtor_in_another_timezone_moves_into_allowed_hours(db, org, clo
         assert items(s, ny.id) == [(0, "pending", utc(2026, 3, 2, 13), None)]
 
 
+def test_a_stage_never_reaches_a_debtor_before_its_due_date_in_their_time_zone(db, org, clock):
+    """Madrid's 07:00 slot is the evening before in Honolulu: a stage due on the 4th there waits
+    for the first slot at which it is the 4th there too."""
+    now = clock.now()  # Monday 2026-03-02
+    with db.transaction() as s:
+        st = strategy(s, org.id, now, [("email", "t", 3)], trigger_type="amount_threshold", trigger_amount=1)
+        hnl = debtor(s, org.id, now, "HNL", due=date(2026, 3, 30), timezone="Pacific/Honolulu")
+        mad = debtor(s, org.id, now, "MAD", due=date(2026, 3, 30))
+        refresh(s, org.id, now)
+        run_strategy_now(s, strategy=st, now=now, principal=Principal.system(org.id))
+        # Anchors are the debtors' own dates: Monday in Madrid, still Sunday in Honolulu.
+        assert (s.get(Account, mad.id).case_anchor_date, s.get(Account, hnl.id).case_anchor_date) == (
+            date(2026, 3, 2), date(2026, 3, 1))
+        assert items(s, mad.id) == [(0, "pending", utc(2026, 3, 5, 6), None)]  # due the 5th: Thursday 07:00 Madrid
+        # Due the 4th in Honolulu. Wednesday's 07:00 Madrid slot is Tuesday 20:00 there (a day
+        # early); Thursday's is Wednesday 20:00 there, the due date.
+        assert items(s, hnl.id) == [(0, "pending", utc(2026, 3, 5, 6), None)]
+
+
 def _downtime_case(s, org, now, handling, priority):
     # Each new strategy has a better priority, so it takes the new debtor.
     st = strategy(s, org.id, now, [("email", "t", 0), ("email", "p", 2), ("email", "p", 2), ("email", "p", 30)],

@@ -426,11 +426,12 @@ def _prepare_slots(session: Session) -> None:
 
 
 def _scheduled_at(plan: _Plan, due: date, tz: str, action: str) -> datetime:
-    """§4.5: the first automation slot at or after the due date (organization time zone), moved
-    into the channel's allowed hours in the debtor's time zone (§4.7)."""
+    """§4.5: the first automation slot (organization time zone) at which the due date has begun
+    both for the organization and in the debtor's time zone (a stage due on the 5th never reaches a
+    debtor on their 4th), moved into the channel's allowed hours in the debtor's time zone (§4.7)."""
     org_tz = plan.org.timezone
     slot = next_automation_slot(
-        at_local(due, time(0, 0), org_tz),
+        max(at_local(due, time(0, 0), org_tz), at_local(due, time(0, 0), tz)),
         tz=org_tz,
         at=plan.strategy.automation_time,
         days=weekday_set(plan.strategy.automation_days),
