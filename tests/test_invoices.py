@@ -178,6 +178,21 @@ def test_void_and_delete_return_settled_money_as_credit(org):
     assert acc["balance"] == "0.00" and acc["status"] == "resolved"
 
 
+def test_amount_paid_cannot_drop_below_what_duecourse_payments_settled(org):
+    a = make_account(org)
+    i1 = make_invoice(org, a["id"], "100.00", due="2026-01-01")
+    make_payment(org, a["id"], "60.00")
+    assert invoice(org, i1["id"])["amount_paid"] == "60.00"
+    # The ERP, which knows nothing of that payment, says nothing was paid: refused, nothing changes.
+    r = org.patch(f"{API}/invoices/{i1['id']}", json={"amount_paid": "0"})
+    assert r.status_code == 422 and error_fields(r) == {"amount_paid"}
+    assert "at least 60.00 EUR" in r.json()["error"]["fields"][0]["message"]
+    assert invoice(org, i1["id"])["amount_paid"] == "60.00" and account(org, a["id"])["balance"] == "40.00"
+    # Recording what was paid outside duecourse on top of it is fine.
+    assert org.patch(f"{API}/invoices/{i1['id']}", json={"amount_paid": "90.00"}).status_code == 200
+    assert account(org, a["id"])["balance"] == "10.00"
+
+
 def test_list_filters_and_pagination(org):
     a = make_account(org)
     b = make_account(org)

@@ -235,7 +235,9 @@ class InvoicePatch(Strict):
     number: Annotated[str, Field(min_length=1, max_length=100)] | None = None
     currency: Currency | None = None
     total: MoneyIn | None = None
-    amount_paid: MoneyIn | None = None
+    amount_paid: MoneyIn | None = Field(
+        None, description="Everything paid on the invoice, including what payments recorded in duecourse settled "
+        "(it cannot be set below that)")
     issue_date: date | None = None
     due_date: date | None = None
     status: Literal["open", "paid", "void"] | None = None

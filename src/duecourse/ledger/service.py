@@ -506,6 +506,17 @@ def update_invoice(
         errors, account=account, currency=changes.get("currency"), total=total, amount_paid=paid,
         issue_date=changes.get("issue_date", invoice.issue_date), due_date=changes.get("due_date", invoice.due_date),
     )
+    if paid is not None and "amount_paid" in changes and changes.get("status") != InvoiceStatus.void.value:
+        # What payments recorded in duecourse settled is part of amount_paid; writing a lower figure
+        # (what the ERP knows) would make the debtor owe money they paid, and strand the payments.
+        allocated = session.scalar(
+            select(func.coalesce(func.sum(PaymentAllocation.amount), 0)).where(PaymentAllocation.invoice_id == invoice.id)
+        ) or Decimal(0)
+        if paid < allocated:
+            errors.append(FieldError(
+                "amount_paid", f"must be at least {Decimal(allocated).quantize(Decimal(1).scaleb(-currency_places(account.currency)))} "
+                f"{account.currency}: that much was paid by payments "
+                "recorded in duecourse (delete or correct those payments instead)"))
     _raise(errors)
     assert total is not None and paid is not None
     if "external_id" in changes and _external_id_taken(
