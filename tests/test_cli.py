@@ -17,6 +17,8 @@ from duecourse.tenancy.security import hash_api_key
 @pytest.fixture
 def cli(db, monkeypatch):
     monkeypatch.setenv("DUECOURSE_DATABASE_URL", db.url)
+    # tick (like serve, worker and scheduler) refuses to run on PostgreSQL without a proper key.
+    monkeypatch.setenv("DUECOURSE_SECRET_KEY", "cli-test-secret-key-of-at-least-32-characters")
     get_settings.cache_clear()
     yield CliRunner()
     get_settings.cache_clear()

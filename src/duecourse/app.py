@@ -21,7 +21,7 @@ from duecourse.channels.twilio_api import router as twilio_router
 from duecourse.channels.voice_api import router as voice_router
 from duecourse.events.api import router as events_router
 from duecourse.clock import Clock, SystemClock
-from duecourse.config import Settings, get_settings
+from duecourse.config import Settings, SecretKeyError, check_secret_key, get_settings, resolve_secret_key
 from duecourse.db import Database
 from duecourse.engine.api import router as engine_router
 from duecourse.errors import Conflict, DomainError, FieldError, ValidationFailed
@@ -43,7 +43,20 @@ def _loc(loc: tuple[Any, ...]) -> str:
 
 
 def create_app(settings: Settings | None = None, *, clock: Clock | None = None, db: Database | None = None) -> FastAPI:
-    settings = settings or get_settings()
+    if settings is None:
+        # A process start (e.g. ``uvicorn --factory duecourse.app:create_app``): its settings come from
+        # the environment, and a missing or guessable secret key stops it here.
+        settings = resolve_secret_key(get_settings())
+        check_secret_key(settings)
+    else:
+        # Settings given by the caller (tests, embedding): fill in the embedded setup's key; never sign
+        # anything with an empty key.
+        settings = resolve_secret_key(settings)
+        if not settings.secret_key:
+            raise SecretKeyError(
+                "create_app: the settings have no secret key (DUECOURSE_SECRET_KEY) and the database is not "
+                "an SQLite file beside which one could be kept"
+            )
     app = FastAPI(
         title="duecourse",
         version=__version__,

@@ -5,9 +5,10 @@ from __future__ import annotations
 import typer
 from sqlalchemy import select
 from rich.console import Console
+from rich.markup import escape
 
 from duecourse.clock import SystemClock
-from duecourse.config import get_settings
+from duecourse.config import SecretKeyError, Settings, check_secret_key, get_settings, resolve_secret_key
 from duecourse.db import Database
 from duecourse.db.migrate import upgrade
 from duecourse.errors import DomainError
@@ -21,14 +22,31 @@ err = Console(stderr=True)
 
 
 def _fail(message: str) -> None:
-    err.print(f"[red]error:[/red] {message}")
+    # soft_wrap: a long message (a command to copy) is wrapped by the terminal, not cut into lines.
+    err.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
     raise typer.Exit(2)
+
+
+def _settings(*, signs: bool) -> Settings:
+    """The process's settings. ``signs``: the command signs or checks sessions, CSRF tokens or
+    unsubscribe links, or uses provider credentials (serve, demo, worker, scheduler, tick), so it
+    refuses a missing or guessable DUECOURSE_SECRET_KEY; commands that only read and write the
+    database (migrate, init, import, simulate) run either way."""
+    try:
+        # On SQLite, fills in the key kept beside the database: in the process's settings, which
+        # the engine and the providers read too.
+        settings = resolve_secret_key(get_settings())
+        if signs:
+            check_secret_key(settings)
+    except SecretKeyError as exc:
+        _fail(str(exc))
+    return settings
 
 
 @app.command()
 def migrate() -> None:
     """Create or upgrade the database schema (DUECOURSE_DATABASE_URL)."""
-    settings = get_settings()
+    settings = _settings(signs=False)
     upgrade(settings.database_url)
     console.print(f"database is up to date ({settings.database_url.split('@')[-1]})")
 
@@ -48,7 +66,7 @@ def init(
         cur = currency_code(currency)
     except ValueError as exc:
         _fail(str(exc))
-    settings = get_settings()
+    settings = _settings(signs=False)
     upgrade(settings.database_url)
     db = Database(settings.database_url)
     now = SystemClock().now()
@@ -82,7 +100,7 @@ def serve(
 
     from duecourse.app import create_app
 
-    settings = get_settings()
+    settings = _settings(signs=True)
     if migrate_first:
         upgrade(settings.database_url)
     host = host or settings.host
@@ -113,7 +131,7 @@ def demo(
     from duecourse.strategies.models import Strategy
     from duecourse.tenancy.principal import Principal
 
-    settings = get_settings()
+    settings = _settings(signs=not no_serve)
     upgrade(settings.database_url)
     db = Database(settings.database_url)
     try:
@@ -156,7 +174,7 @@ def import_(
     path = Path(file)
     if not path.is_file():
         _fail(f"no such file: {file}")
-    settings = get_settings()
+    settings = _settings(signs=False)
     upgrade(settings.database_url)
     code = import_file(
         database_url=settings.database_url,
@@ -186,7 +204,7 @@ def tick(
         _fail(f"--at: not an ISO time: {at!r}")
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
-    settings = get_settings()
+    settings = _settings(signs=True)
     db = Database(settings.database_url)
     try:
         from duecourse.channels.registry import Providers
@@ -202,7 +220,7 @@ def worker(poll: float = typer.Option(2.0, help="Seconds between passes")) -> No
     """Run a queue worker: claim and dispatch due items, forever (any number of them may run)."""
     from duecourse.engine.runner import freeze_startup_heap, run_loop
 
-    settings = get_settings()
+    settings = _settings(signs=True)
     console.print("worker started")
     freeze_startup_heap()
     run_loop(Database(settings.database_url), SystemClock(), scheduler=False, worker=True, poll_seconds=poll)
@@ -213,7 +231,7 @@ def scheduler(poll: float = typer.Option(30.0, help="Seconds between passes")) -
     """Run the scheduler: each organization's cycle every N minutes (any number of them may run)."""
     from duecourse.engine.runner import freeze_startup_heap, run_loop
 
-    settings = get_settings()
+    settings = _settings(signs=True)
     console.print("scheduler started")
     freeze_startup_heap()
     run_loop(Database(settings.database_url), SystemClock(), scheduler=True, worker=False, poll_seconds=poll)
@@ -234,7 +252,7 @@ def simulate(
 
     if not 1 <= days <= MAX_DAYS:
         _fail(f"--days must be between 1 and {MAX_DAYS}")
-    settings = get_settings()
+    settings = _settings(signs=False)
     db = Database(settings.database_url)
     try:
         result = run_simulation(

@@ -25,6 +25,12 @@ class SecretsUnreadable(DomainError):
 
 @lru_cache(maxsize=8)
 def _fernet(key_material: str) -> Fernet:
+    if not key_material:  # never derive a key from empty text: anyone could
+        from duecourse.config import SecretKeyError
+
+        raise SecretKeyError(
+            "No key to encrypt provider credentials with: set DUECOURSE_SECRET_KEY (or DUECOURSE_ENCRYPTION_KEY)"
+        )
     try:
         return Fernet(key_material.encode())
     except ValueError:

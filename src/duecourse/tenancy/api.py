@@ -41,7 +41,8 @@ def login(body: LoginIn, request: Request, response: Response, session: DbSessio
     settings = request.app.state.settings
     token = new_session_token(settings.secret_key, user_id=user.id, password_hash=user.password_hash)
     response.set_cookie(
-        SESSION_COOKIE, token, httponly=True, samesite="lax", max_age=settings.session_max_age_seconds
+        SESSION_COOKIE, token, httponly=True, samesite="lax", max_age=settings.session_max_age_seconds,
+        secure=settings.secure_cookies,
     )
     return user
 

@@ -42,7 +42,8 @@ def _login_page(request: Request, *, email: str = "", error: str | None = None, 
                        login_csrf=csrf_token(request, binding), csrf_name=CSRF_FIELD)
     response = templates.TemplateResponse(request, "login.html", ctx, status_code=status_code)
     if not request.cookies.get(NONCE_COOKIE):
-        response.set_cookie(NONCE_COOKIE, nonce, httponly=True, samesite="lax")
+        response.set_cookie(NONCE_COOKIE, nonce, httponly=True, samesite="lax",
+                            secure=request.app.state.settings.secure_cookies)
     return response
 
 
@@ -70,13 +71,15 @@ def login(request: Request, form: CsrfForm, session: DbSession, clock: AppClock)
         httponly=True,
         samesite="lax",
         max_age=settings.session_max_age_seconds,
+        secure=settings.secure_cookies,
     )
-    response.delete_cookie(NONCE_COOKIE)
+    response.delete_cookie(NONCE_COOKIE, secure=settings.secure_cookies, httponly=True, samesite="lax")
     return response
 
 
 @router.post("/logout")
-def logout(form: CsrfForm) -> Response:
+def logout(request: Request, form: CsrfForm) -> Response:
     response = RedirectResponse("/login", status_code=303)
-    response.delete_cookie(SESSION_COOKIE)
+    response.delete_cookie(SESSION_COOKIE, secure=request.app.state.settings.secure_cookies, httponly=True,
+                           samesite="lax")
     return response
