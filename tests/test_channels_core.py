@@ -47,6 +47,20 @@ def test_channel_config_is_stored_encrypted_and_shown_masked(db, org, app):
     assert "Channel email" in audit and "s3cret" not in audit
 
 
+def test_changing_where_credentials_go_needs_them_again(db, org, app):
+    """An admin (or a leaked admin key) must not be able to point a configured channel at another
+    server and collect the stored password on the next send."""
+    assert org.put("/api/v1/channels/email", json=SMTP).status_code == 200
+    moved = {**SMTP, "settings": {**SMTP["settings"], "host": "mail.attacker.example"}, "secrets": {}}
+    r = org.put("/api/v1/channels/email", json=moved)
+    assert r.status_code == 422
+    assert [f["field"] for f in r.json()["error"]["fields"]] == ["secrets.password"]
+    assert org.get("/api/v1/channels/email").json()["settings"]["host"] == "smtp.example.com"  # unchanged
+    # With the password given again, the new host is taken.
+    r = org.put("/api/v1/channels/email", json={**moved, "secrets": {"password": "another-password"}})
+    assert r.status_code == 200 and r.json()["settings"]["host"] == "mail.attacker.example"
+
+
 def test_bad_channel_configs_are_refused_and_change_nothing(db, org):
     cases = [
         ("/api/v1/channels/fax", SMTP, "channel"),

@@ -80,6 +80,10 @@ CHANNEL_PROVIDERS: dict[str, tuple[str, ...]] = {
 }
 # Secrets the system generates itself when a provider is chosen (shown in the response once).
 GENERATED_SECRETS = {"voice_http": ("webhook_secret",)}
+# Where a provider's credentials are sent. When one of these changes, the stored credentials are
+# not carried over: they must be given again with it, or an admin (or a leaked admin key) could
+# point the channel at a server of theirs and collect the provider's password on the next send.
+DESTINATION_SETTINGS = ("host", "base_url", "endpoint_url")
 
 
 def _check_channel(channel: str) -> None:
@@ -137,6 +141,15 @@ def put_config(
         raise ValidationFailed("Unknown secrets", [FieldError(f"secrets.{n}", f"not a secret of {provider} (allowed: {allowed})") for n in unknown])
     config = get_config(session, organization_id=organization_id, channel=channel)
     stored = read_secrets(config, key) if config is not None and config.provider == provider else {}
+    moved = config is not None and any(
+        (config.settings or {}).get(name) != clean.get(name) for name in DESTINATION_SETTINGS if name in clean)
+    if moved:
+        carried = [n for n in secret_names if n in stored and n not in GENERATED_SECRETS.get(provider, ()) and n not in (secrets or {})]
+        if carried:
+            raise ValidationFailed(
+                "Credentials must be given again when the provider's address changes",
+                [FieldError(f"secrets.{n}", "give it again: the address it is sent to changed") for n in carried],
+            )
     for name, value in (secrets or {}).items():
         if value:
             stored[name] = value
