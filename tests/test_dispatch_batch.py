@@ -174,6 +174,8 @@ def test_a_batch_that_fails_at_its_insert_writes_nothing_and_is_redone_item_by_i
                                                  .order_by(ExecutionLogEntry.id))]
             if account_id == accounts[1]:
                 assert (item.status, item.reason) == ("failed", "internal_error")
+                # The queue, shown to every role, names the failure without the SQL and its values.
+                assert item.error == "internal error (IntegrityError); the worker's log has the details"
                 assert interactions == [] and [m.provider_ref for m in messages] == ["earlier"]
                 assert "dispatched" not in events
             else:

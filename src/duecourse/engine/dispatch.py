@@ -762,7 +762,10 @@ def _one(db: Any, item_id: int, *, now: datetime, worker: str, providers: Provid
         with db.transaction() as session:
             session.execute(
                 update(QueueItem).where(QueueItem.id == item_id, QueueItem.claimed_by == worker)
-                .values(status=QueueStatus.failed.value, reason="internal_error", error=f"{type(exc).__name__}: {exc}"[:2000],
+                # The exception's own text can carry SQL and its parameters: it goes to the worker's
+                # log only; the queue (shown to every role) says what kind of failure it was.
+                .values(status=QueueStatus.failed.value, reason="internal_error",
+                        error=f"internal error ({type(exc).__name__}); the worker's log has the details",
                         finished_at=now, updated_at=now, claimed_by=None, lease_expires_at=None)
             )
         return "failed:internal_error"
