@@ -154,3 +154,19 @@ def test_new_case_counts_the_next_delay_from_its_first_action_not_from_old_dates
         date(2026, 2, 8), date(2026, 3, 10), date(2026, 2, 26)]
     # Opened long ago (downtime): the chain is the nominal one.
     assert due_dates(stages, start=0, anchor=anchor, prev_completed=None, opened=date(2026, 2, 6))[1] == date(2026, 2, 15)
+
+
+def test_allowed_hours_ending_in_the_spring_forward_gap_close_before_it():
+    """New York, allowed 00:00-02:30 on Sunday 2024-03-10, when 02:00 jumps to 03:00: 02:30 never
+    shows on the clock, and 03:10 (after it) is not allowed; 01:30 still is."""
+    from duecourse.engine.timing import is_allowed
+
+    days = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+    ny = "America/New_York"
+    assert is_allowed(datetime(2024, 3, 10, 6, 30, tzinfo=UTC), tz=ny, start="00:00", end="02:30", days=days)  # 01:30 EST
+    assert is_allowed(datetime(2024, 3, 10, 6, 59, tzinfo=UTC), tz=ny, start="00:00", end="02:30", days=days)  # 01:59 EST
+    assert not is_allowed(datetime(2024, 3, 10, 7, 0, tzinfo=UTC), tz=ny, start="00:00", end="02:30", days=days)  # 03:00 EDT
+    assert not is_allowed(datetime(2024, 3, 10, 7, 10, tzinfo=UTC), tz=ny, start="00:00", end="02:30", days=days)  # 03:10 EDT
+    # In the autumn 01:30 shows twice: the window closes the first time.
+    assert not is_allowed(datetime(2024, 11, 3, 5, 40, tzinfo=UTC), tz=ny, start="00:00", end="01:30", days=days)  # 01:40 EDT
+    assert is_allowed(datetime(2024, 11, 3, 5, 20, tzinfo=UTC), tz=ny, start="00:00", end="01:30", days=days)  # 01:20 EDT

@@ -49,6 +49,29 @@ def at_local(day: date, t: time | None, tz: str) -> datetime:
     return datetime.combine(day, t).replace(tzinfo=zone(tz), fold=0).astimezone(UTC)
 
 
+def close_local(day: date, t: time | None, tz: str) -> datetime:
+    """The UTC instant at which a window ending at local ``day`` ``t`` closes: as :func:`at_local`,
+    except that an end the clock skips (the spring-forward gap: 02:30 when 02:00 jumps to 03:00)
+    closes at the jump, and one it shows twice (the autumn fold) at its first showing, so a window
+    never stays open past the time it says."""
+    if t is None:
+        return close_local(day + timedelta(days=1), time(0, 0), tz)
+    local = datetime.combine(day, t).replace(tzinfo=zone(tz))
+    first, second = local.replace(fold=0).astimezone(UTC), local.replace(fold=1).astimezone(UTC)
+    if first == second or first.astimezone(zone(tz)).replace(tzinfo=None) == local.replace(tzinfo=None):
+        return min(first, second)  # an ordinary time, or the fold
+    # The gap: the jump lies between the two readings; find it to the minute.
+    lo, hi = min(first, second), max(first, second)
+    after = hi.astimezone(zone(tz)).utcoffset()
+    while hi - lo > timedelta(minutes=1):
+        mid = lo + (hi - lo) / 2
+        if mid.astimezone(zone(tz)).utcoffset() == after:
+            hi = mid
+        else:
+            lo = mid
+    return hi.replace(second=0, microsecond=0)
+
+
 def next_automation_slot(after: datetime, *, tz: str, at: str, days: frozenset[int]) -> datetime:
     """The first instant ≥ ``after`` that is on an automation day at the automation time, in ``tz``
     (SPEC §4.5: a queue item's scheduled time starts from the strategy's automation slots)."""
@@ -79,7 +102,7 @@ def into_allowed_hours(at: datetime, *, tz: str, start: str, end: str, days: Seq
         if day.weekday() not in allowed:
             continue
         open_at = at_local(day, t_start, tz)
-        close_at = at_local(day, t_end, tz)
+        close_at = close_local(day, t_end, tz)
         if at < open_at:
             return open_at
         if at < close_at:
