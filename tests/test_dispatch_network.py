@@ -159,10 +159,10 @@ def test_two_messages_for_one_account_in_one_batch_go_one_after_the_other(db, or
         assert got[2][:2] == (1, "pending")
 
 
-def test_a_delivery_report_faster_than_the_bookkeeping_is_applied_when_the_send_is_recorded(db, org, clock):
-    now = clock.now()
-    _setup(db, org, now, [("email", "t", 0), ("sms", "p", 3)])
-    (aid,) = _debtors(db, org, now, 1, "FAST")
+def _sent_not_recorded(db, org, now, stages, external_id):  # type: ignore[no-untyped-def]
+    """One account's first stage sent to a remote provider by worker w1, which has not recorded it."""
+    _setup(db, org, now, stages)
+    (aid,) = _debtors(db, org, now, 1, external_id)
     _enqueue(db, org.id, now)
     remote = Remote()
     providers = ByOrg({org.id: remote})
@@ -171,6 +171,12 @@ def test_a_delivery_report_faster_than_the_bookkeeping_is_applied_when_the_send_
         (item_id,) = claim(s, now=now, worker="w1", limit=10)
         assert process_item(s, item_id=item_id, now=now, worker="w1", providers=providers, batch=batch) == "sending"
     _send_all(db, batch.sends, now=now)
+    return aid, item_id, remote, providers
+
+
+def test_a_delivery_report_faster_than_the_bookkeeping_is_applied_when_the_send_is_recorded(db, org, clock):
+    now = clock.now()
+    aid, item_id, remote, providers = _sent_not_recorded(db, org, now, [("email", "t", 0), ("sms", "p", 3)], "FAST")
     # The provider reports the bounce before the worker has recorded the dispatch.
     r = org.post("/api/v1/outcomes/delivery", role="manager",
                  json={"provider_ref": f"remote-qi-{item_id}", "status": "bounced", "error": "550 unknown user"})
@@ -193,16 +199,7 @@ def test_a_delivery_report_faster_than_the_bookkeeping_is_applied_when_the_send_
 
 def test_a_call_reported_failed_before_the_worker_recorded_it_is_a_delivery_failure(db, org, clock):
     now = clock.now()
-    _setup(db, org, now, [("voice", "t", 0), ("sms", "p", 3)])
-    (aid,) = _debtors(db, org, now, 1, "NOCALL")
-    _enqueue(db, org.id, now)
-    remote = Remote()
-    providers = ByOrg({org.id: remote})
-    batch = _Batch()
-    with db.transaction() as s:
-        (item_id,) = claim(s, now=now, worker="w1", limit=10)
-        assert process_item(s, item_id=item_id, now=now, worker="w1", providers=providers, batch=batch) == "sending"
-    _send_all(db, batch.sends, now=now)
+    aid, item_id, _, providers = _sent_not_recorded(db, org, now, [("voice", "t", 0), ("sms", "p", 3)], "NOCALL")
     # The voice service says the number cannot be called, before the worker has recorded the call.
     r = org.post("/api/v1/outcomes/call", role="manager", json={"provider_ref": f"remote-qi-{item_id}", "failed": True})
     assert r.status_code == 200 and r.json() == {"result": "pending"}

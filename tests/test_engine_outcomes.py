@@ -553,18 +553,24 @@ def test_outcome_inputs_are_validated_and_scoped(db, org, other_org, clock):
         assert s.scalar(select(Payment.id)) is None
 
 
-def test_paying_the_carrying_invoice_restarts_the_case_on_the_next_invoice(db, org, clock):
+def _two_invoices(db, org, now, ext):
+    """A debtor owing two invoices: ``{ext}-1`` (100, the older due date, carrying) and ``{ext}-2`` (80).
+    Returns the account id and the carrying invoice's id."""
     from duecourse.ledger.models import Invoice
 
-    now = clock.now()
-    _setup(db, org, now, [("email", "t", 0), ("email", "p", 7)])
     with db.transaction() as s:
-        a = debtor(s, org.id, now, "TWO", due=date(2026, 2, 20), total="100.00")
-        s.add(Invoice(organization_id=org.id, account_id=a.id, external_id="TWO-2", number="TWO-2", currency="EUR",
+        a = debtor(s, org.id, now, ext, due=date(2026, 2, 20), total="100.00")
+        s.add(Invoice(organization_id=org.id, account_id=a.id, external_id=f"{ext}-2", number=f"{ext}-2", currency="EUR",
                       total=Decimal("80.00"), issue_date=date(2026, 2, 1), due_date=date(2026, 3, 2), created_at=now, updated_at=now))
         s.flush()
         refresh(s, org.id, now)
-        aid, first_invoice = a.id, a.carrying_invoice_id
+        return a.id, a.carrying_invoice_id
+
+
+def test_paying_the_carrying_invoice_restarts_the_case_on_the_next_invoice(db, org, clock):
+    now = clock.now()
+    _setup(db, org, now, [("email", "t", 0), ("email", "p", 7)])
+    aid, first_invoice = _two_invoices(db, org, now, "TWO")
     tick(db, now=now)
     clock.advance(days=1)
     tick(db, now=clock.now())  # stage 1 is queued for a week later
@@ -592,19 +598,10 @@ def test_a_queued_stage_about_a_paid_invoice_is_withdrawn_before_the_restart(db,
     """The debtor pays the case's invoice after the day's run queued its next stage (waiting for the
     allowed hours) but before it goes out. That message is about a paid invoice: it is withdrawn,
     and the next run restarts the case on the other invoice (§4.2)."""
-    from duecourse.ledger.models import Invoice
-
     now = clock.now()  # Monday 09:00 UTC
     _setup(db, org, now, [("email", "t", 0), ("email", "p", 1)])
     org.patch("/api/v1/settings", json={"dispatch": {"allowed_hours": {"email": {"start": "10:00", "end": "18:00"}}}})
-    with db.transaction() as s:
-        a = debtor(s, org.id, now, "PAIDFIRST", due=date(2026, 2, 20), total="100.00")
-        s.add(Invoice(organization_id=org.id, account_id=a.id, external_id="PAIDFIRST-2", number="PAIDFIRST-2",
-                      currency="EUR", total=Decimal("80.00"), issue_date=date(2026, 2, 1), due_date=date(2026, 3, 2),
-                      created_at=now, updated_at=now))
-        s.flush()
-        refresh(s, org.id, now)
-        aid = a.id
+    aid, _ = _two_invoices(db, org, now, "PAIDFIRST")
     clock.set(utc(2026, 3, 2, 9, 30))  # 10:30 in Madrid: stage 0 goes out
     assert tick(db, now=clock.now())["dispatch"] == {"dispatched": 1}
     clock.set(utc(2026, 3, 3, 7, 0))  # Tuesday 08:00 Madrid: the run queues stage 1 for 10:00
@@ -626,17 +623,9 @@ def test_a_queued_stage_about_a_paid_invoice_is_withdrawn_before_the_restart(db,
 
 
 def test_deleting_the_cases_invoice_restarts_the_case(db, org, clock):
-    from duecourse.ledger.models import Invoice
-
     now = clock.now()
     _setup(db, org, now, [("email", "t", 0), ("email", "p", 7)])
-    with db.transaction() as s:
-        a = debtor(s, org.id, now, "GONE", due=date(2026, 2, 20), total="100.00")
-        s.add(Invoice(organization_id=org.id, account_id=a.id, external_id="GONE-2", number="GONE-2", currency="EUR",
-                      total=Decimal("80.00"), issue_date=date(2026, 2, 1), due_date=date(2026, 3, 2), created_at=now, updated_at=now))
-        s.flush()
-        refresh(s, org.id, now)
-        aid, first = a.id, a.carrying_invoice_id
+    aid, first = _two_invoices(db, org, now, "GONE")
     tick(db, now=now)
     assert _account(db, aid).case_invoice_id == first
     r = org.delete(f"/api/v1/invoices/{first}", role="manager")
