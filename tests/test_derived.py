@@ -238,3 +238,32 @@ def test_exclusion_rules_and_their_recompute(org, db, clock):
     # a settings change outside the exclusions leaves tabs alone (and is still fine)
     assert org.patch(f"{API}/settings", json={"automation": {"auto_enqueue": True}}).status_code == 200
     assert account(org, tagged["id"])["collection_tab"] == "blocked"
+
+
+def test_the_minimum_balance_is_in_the_base_currency_and_converted_with_the_rates(org):
+    """min_balance 25 (the organization's EUR): a debtor owing 1,000 JPY (about 6 EUR) is below it,
+    one owing 20 KWD (about 60 EUR) is not, whatever the bare numbers say (§6)."""
+    yen = make_account(org, currency="JPY")
+    make_invoice(org, yen["id"], "1000")
+    dinar = make_account(org, currency="KWD")
+    make_invoice(org, dinar["id"], "20.000")
+    euro = make_account(org)
+    make_invoice(org, euro["id"], "20.00")
+    no_rate = make_account(org, currency="USD")
+    make_invoice(org, no_rate["id"], "30.00")
+
+    def tabs():
+        return [account(org, a["id"])["collection_tab"] for a in (yen, dinar, euro, no_rate)]
+
+    r = org.patch(f"{API}/settings", json={"exclusions": {"min_balance": "25"}})
+    assert r.status_code == 200, r.text
+    # Without exchange rates the bare number is all there is.
+    assert tabs() == ["outstanding", "blocked", "blocked", "outstanding"]
+    # With rates (base-currency value of one unit), each balance is compared in its own currency;
+    # a currency without a rate keeps the bare number.
+    r = org.patch(f"{API}/settings", json={"exchange_rates": {"JPY": "0.0062", "KWD": "3.00"}})
+    assert r.status_code == 200, r.text
+    assert tabs() == ["blocked", "outstanding", "blocked", "outstanding"]
+    # The engine's own refreshes see the same rule: a new invoice moves the yen debtor over it.
+    make_invoice(org, yen["id"], "4000")  # 5,000 JPY: about 31 EUR
+    assert tabs()[0] == "outstanding"

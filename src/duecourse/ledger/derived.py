@@ -76,7 +76,11 @@ def excluded_expr(
     gross = Account.gross_open if gross_open is None else gross_open
     rules: list[ColumnElement[bool]] = []
     if exclusions.min_balance > 0:
-        rules.append(bal < exclusions.min_balance)
+        per_currency = exclusions.min_balance_by_currency  # (empty without exchange rates)
+        rules.append(or_(
+            *[and_(Account.currency == c, bal < t) for c, t in per_currency.items()],
+            and_(Account.currency.not_in(list(per_currency)), bal < exclusions.min_balance),
+        ) if per_currency else bal < exclusions.min_balance)
     if exclusions.excluded_tags:
         rules.append(
             exists().where(AccountTag.account_id == Account.id, AccountTag.tag.in_(exclusions.excluded_tags))

@@ -175,8 +175,16 @@ def get_settings(session: Session, organization_id: int) -> OrgSettings:
     memo = session.info.setdefault("org_settings", {})
     if organization_id not in memo:
         row = session.get(OrganizationSettings, organization_id)
-        memo[organization_id] = OrgSettings.model_validate(row.data if row else {})
+        memo[organization_id] = _with_currencies(session, organization_id, OrgSettings.model_validate(row.data if row else {}))
     return memo[organization_id]
+
+
+def _with_currencies(session: Session, organization_id: int, settings: OrgSettings) -> OrgSettings:
+    """The exclusion rules with the minimum balance in every currency the organization has a rate for."""
+    org = session.get(Organization, organization_id)
+    if org is not None:
+        settings.exclusions.for_currencies(org.base_currency, settings.exchange_rates)
+    return settings
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
@@ -232,11 +240,13 @@ def update_settings(
         row.data = new_data
         row.updated_at = now
     session.info.get("org_settings", {}).pop(principal.organization_id, None)
-    if any(k.startswith("exclusions.") for k in changes):
-        # SPEC §6: exclusion rules decide the Blocked tab, so every account's tab is recomputed.
-        # Balances do not depend on the settings: the one set-based tab update is enough.
+    if any(k.startswith(("exclusions.", "exchange_rates")) for k in changes):
+        # SPEC §6: exclusion rules decide the Blocked tab (the minimum balance through the exchange
+        # rates), so every account's tab is recomputed. Balances do not depend on the settings: the
+        # one set-based tab update is enough.
         from duecourse.ledger.derived import refresh_tabs
 
         session.flush()
-        refresh_tabs(session, organization_id=principal.organization_id, exclusions=updated.exclusions)
+        exclusions = _with_currencies(session, principal.organization_id, updated).exclusions
+        refresh_tabs(session, organization_id=principal.organization_id, exclusions=exclusions)
     return updated

@@ -8,11 +8,11 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from functools import lru_cache
-from decimal import Decimal
+from decimal import ROUND_CEILING, Decimal
 from typing import Annotated, Literal
 from urllib.parse import quote, urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
@@ -113,6 +113,24 @@ class ExclusionSettings(_Strict):
     min_balance: Decimal = Field(default=Decimal("0"), ge=0)
     excluded_tags: list[str] = Field(default_factory=list)
     exclude_only_disputed: bool = True
+    # min_balance in each currency the organization has an exchange rate for (see for_currencies).
+    _per_currency: dict[str, Decimal] = PrivateAttr(default_factory=dict)
+
+    def for_currencies(self, base_currency: str, rates: Mapping[str, Decimal]) -> ExclusionSettings:
+        """``min_balance`` is an amount in the organization's base currency: with exchange rates, each
+        account is compared in its own currency (25 EUR is about 4,032 JPY, not 25 JPY), the threshold
+        converted as amount triggers convert theirs (rounded up). A currency without a rate is
+        compared with the bare number. Returns ``self``."""
+        self._per_currency = {} if not rates else {
+            base_currency: self.min_balance,
+            **{c: (self.min_balance / r).quantize(Decimal("0.0001"), rounding=ROUND_CEILING)
+               for c, r in rates.items() if r > 0 and c != base_currency},
+        }
+        return self
+
+    @property
+    def min_balance_by_currency(self) -> dict[str, Decimal]:
+        return self._per_currency
 
 
 class SandboxSettings(_Strict):
