@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import socket
 import statistics
 import subprocess
@@ -124,7 +125,9 @@ def main(argv: list[str] | None = None) -> None:
         )
     key = api_key(url, org_id)
     port = _free_port()
-    env = {**os.environ, "DUECOURSE_DATABASE_URL": url}
+    # The app refuses to serve PostgreSQL without a proper secret key (docs/settings.md).
+    env = {**os.environ, "DUECOURSE_DATABASE_URL": url,
+           "DUECOURSE_SECRET_KEY": os.environ.get("DUECOURSE_SECRET_KEY") or secrets.token_urlsafe(48)}
     server = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "duecourse.app:create_app", "--factory", "--host", "127.0.0.1",
          "--port", str(port), "--log-level", "warning"],
