@@ -329,8 +329,8 @@ def test_a_failure_reported_before_the_send_is_recorded_is_applied_with_it(db, o
         run_scheduled(s, org=s.get(Organization, org.id), now=now, worker="scheduler")
     batch = dispatch._Batch()
     with db.transaction() as s:
-        (item_id,) = dispatch.claim(s, now=now, worker="w1", limit=10)
-        assert dispatch.process_item(s, item_id=item_id, now=now, worker="w1", providers=providers, batch=batch) == "sending"
+        (item_id,) = dispatch.claim(s, batch, now=now, worker="w1", limit=10)
+        assert dispatch.process_item(s, item_id=item_id, now=now, providers=providers, batch=batch) == "sending"
     dispatch._send_all(db, batch.sends, now=now)
     [sms] = fake.sent
     r = fake.post_callback(client, sms.sid, "undelivered", error_code="30003")

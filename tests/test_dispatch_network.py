@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 from datetime import date, timedelta
 
+import pytest
 from sqlalchemy import select
 
 from duecourse.channels.base import ProviderError, SendResult
@@ -75,8 +76,8 @@ def test_a_journaled_send_is_recorded_not_repeated_after_a_crash(db, org, clock)
     _enqueue(db, org.id, clock.now())
     batch = _Batch()
     with db.transaction() as s:
-        ids = claim(s, now=clock.now(), worker="w1", limit=10)
-        assert [process_item(s, item_id=i, now=clock.now(), worker="w1", providers=providers, batch=batch) for i in ids] == ["sending"]
+        ids = claim(s, batch, now=clock.now(), worker="w1", limit=10)
+        assert [process_item(s, item_id=i, now=clock.now(), providers=providers, batch=batch) for i in ids] == ["sending"]
     _send_all(db, batch.sends, now=clock.now())
     assert remote.sent == [f"qi-{ids[0]}"]
     # ... and never recorded it. Its lease expires; another worker picks the item up.
@@ -168,10 +169,27 @@ def _sent_not_recorded(db, org, now, stages, external_id):  # type: ignore[no-un
     providers = ByOrg({org.id: remote})
     batch = _Batch()
     with db.transaction() as s:
-        (item_id,) = claim(s, now=now, worker="w1", limit=10)
-        assert process_item(s, item_id=item_id, now=now, worker="w1", providers=providers, batch=batch) == "sending"
+        (item_id,) = claim(s, batch, now=now, worker="w1", limit=10)
+        assert process_item(s, item_id=item_id, now=now, providers=providers, batch=batch) == "sending"
     _send_all(db, batch.sends, now=now)
     return aid, item_id, remote, providers
+
+
+def test_a_message_handed_to_the_network_is_held_for_the_organizations_lease(db, org, clock):
+    """Only a message on its way to a network provider is committed as ``processing``, with a lease of
+    ``dispatch.lease_seconds`` plus a margin per message ahead of it (30 s each, here one)."""
+    r = org.patch("/api/v1/settings", json={"dispatch": {"lease_seconds": 120}})
+    assert r.status_code == 200, r.text
+    now = clock.now()
+    aid, item_id, remote, providers = _sent_not_recorded(db, org, now, [("email", "t", 0)], "LEASED")
+    with db.transaction() as s:
+        item = s.get(QueueItem, item_id)
+        assert (item.status.value, item.claimed_by, item.attempt) == ("processing", "w1", 1)
+        assert item.lease_expires_at == now + timedelta(seconds=150)
+    # Until then no other worker takes it; after it, the next one records the send, not repeating it.
+    assert run_due(db, now=now + timedelta(seconds=149), worker="w2", providers=providers) == {}
+    assert run_due(db, now=now + timedelta(seconds=151), worker="w2", providers=providers) == {"dispatched": 1}
+    assert remote.sent == [f"qi-{item_id}"]
 
 
 def test_a_delivery_report_faster_than_the_bookkeeping_is_applied_when_the_send_is_recorded(db, org, clock):
@@ -224,9 +242,9 @@ def test_an_account_being_sent_to_by_another_worker_waits(db, org, clock):
     # Worker A has the first email rendered and on its way to the provider (committed, not recorded).
     batch = _Batch()
     with db.transaction() as s:
-        first = claim(s, now=now, worker="A", limit=1)
+        first = claim(s, batch, now=now, worker="A", limit=1)
         assert len(first) == 1  # a claim takes what it is asked for, on both databases
-        assert process_item(s, item_id=first[0], now=now, worker="A", providers=providers, batch=batch) == "sending"
+        assert process_item(s, item_id=first[0], now=now, providers=providers, batch=batch) == "sending"
         # As if the case had moved on to the second stage meanwhile (the stage order rule would
         # otherwise hold the second item back on its own).
         s.get(Account, aid).case_next_stage = 1
@@ -239,16 +257,70 @@ def test_an_account_being_sent_to_by_another_worker_waits(db, org, clock):
         assert (second.status.value, second.attempt, second.scheduled_at) == ("pending", 0, now + timedelta(minutes=1))
 
 
-def test_a_claim_takes_exactly_what_it_asks_for(db, org, clock):
+def test_a_claim_takes_exactly_what_it_asks_for_and_holds_it_for_its_transaction_only(db, org, clock):
     now = clock.now()
     _setup(db, org, now, [("email", "t", 0)])
     _debtors(db, org, now, 5, "CLAIM")
     _enqueue(db, org.id, now)
     with db.transaction() as s:
-        assert len(claim(s, now=now, worker="A", limit=2)) == 2
-        assert len(claim(s, now=now, worker="B", limit=2)) == 2
-        statuses = sorted((q.status.value, q.claimed_by) for q in s.scalars(select(QueueItem)))
-    assert statuses == [("pending", None), ("processing", "A"), ("processing", "A"), ("processing", "B"), ("processing", "B")]
+        batch = _Batch()
+        ids = claim(s, batch, now=now, worker="A", limit=2)
+        assert len(ids) == 2 and sorted(batch.items) == sorted(ids)
+    # A transaction that claimed items and handled none of them leaves them as they were: a worker
+    # that dies mid-batch leaves nothing to recover.
+    with db.transaction() as s:
+        assert sorted((q.status.value, q.attempt, q.claimed_by) for q in s.scalars(select(QueueItem))) == [
+            ("pending", 0, None)] * 5
+
+
+def test_two_workers_claim_different_items_and_pass_by_an_account_the_other_holds(db, org, clock):
+    if db.dialect != "postgresql":
+        pytest.skip("two workers at once are a PostgreSQL deployment (SQLite has one writer)")
+    now = clock.now()
+    _setup(db, org, now, [("email", "t", 0), ("email", "t", 0)], multi_stage_handling="run_all_in_order")
+    accounts = _debtors(db, org, now, 3, "PAIR")  # each with both stages due now
+    _enqueue(db, org.id, now)
+    with db.transaction() as s:
+        item_of = {(q.account_id, q.stage_index): q.id for q in s.scalars(select(QueueItem))}
+    assert len(item_of) == 6
+    one, two, three = sorted(accounts)
+    with db.transaction() as a:
+        first = claim(a, _Batch(), now=now, worker="A", limit=2)  # due first: the first stages
+        assert sorted(first) == sorted([item_of[(one, 0)], item_of[(two, 0)]])
+        with db.transaction() as b:
+            batch_b = _Batch()
+            second = claim(b, batch_b, now=now, worker="B", limit=10)
+        # B passes by A's items, and by the second stages of the accounts A holds: left untouched.
+        assert sorted(second) == sorted([item_of[(three, 0)], item_of[(three, 1)]])
+        assert sorted(batch_b.busy) == sorted([item_of[(one, 1)], item_of[(two, 1)]])
+    # Once A is done, a run takes every item: each first email goes out once, and each second one
+    # meets the email limit (one a day) and is moved to tomorrow.
+    assert run_due(db, now=now, worker="B") == {"dispatched": 3, "skipped": 3}
+    with db.transaction() as s:
+        assert sorted((q.stage_index, q.status.value, q.reason) for q in s.scalars(select(QueueItem))) == (
+            [(0, "completed", None)] * 3 + [(1, "pending", None)] * 3 + [(1, "skipped", "frequency_limit")] * 3)
+
+
+def test_a_run_passes_by_an_account_another_transaction_holds_and_ends(db, org, clock):
+    """A worker does not wait for an account someone else is writing (an import, a request), nor
+    claim its item again and again: the run ends, and the next one sends it."""
+    if db.dialect != "postgresql":
+        pytest.skip("row locks are PostgreSQL's (SQLite has one writer)")
+    now = clock.now()
+    _setup(db, org, now, [("email", "t", 0)])
+    held, free = _debtors(db, org, now, 2, "HELD")
+    _enqueue(db, org.id, now)
+    with db.transaction() as other:
+        other.execute(select(Account.id).where(Account.id == held).with_for_update())
+        assert run_due(db, now=now, worker="w") == {"dispatched": 1}
+        with db.transaction() as s:
+            assert [(q.status.value, q.attempt, q.claimed_by) for q in items_of(s, held)] == [("pending", 0, None)]
+            assert [q.status.value for q in items_of(s, free)] == ["completed"]
+    assert run_due(db, now=now, worker="w") == {"dispatched": 1}
+
+
+def items_of(s, account_id):  # type: ignore[no-untyped-def]
+    return s.scalars(select(QueueItem).where(QueueItem.account_id == account_id)).all()
 
 
 def test_a_batch_sends_at_most_max_network_sends_and_releases_the_rest(db, org, clock, monkeypatch):
@@ -263,11 +335,8 @@ def test_a_batch_sends_at_most_max_network_sends_and_releases_the_rest(db, org, 
     _debtors(db, org, now, 5, "NET")
     _enqueue(db, org.id, now)
     remote = Remote()
-    with db.transaction() as s:
-        ids = claim(s, now=now, worker="w", limit=500)
-    assert len(ids) == 5
-    outcomes = dispatch._run_batch(db, ids, now=now, worker="w", providers=ByOrg({org.id: remote}))
-    assert sorted(outcomes) == ["dispatched"] * 3 + ["released"] * 2
+    outcomes, busy = dispatch._run_batch(db, now=now, worker="w", providers=ByOrg({org.id: remote}), limit=500)
+    assert sorted(outcomes) == ["dispatched"] * 3 + ["released"] * 2 and busy == []
     assert len(remote.sent) == 3
     with db.transaction() as s:
         waiting = s.scalars(select(QueueItem).where(QueueItem.status == "pending")).all()

@@ -10,7 +10,7 @@ from sqlalchemy import select
 
 from duecourse.channels.models import SandboxMessage
 from duecourse.engine.cycle import run_scheduled, tick
-from duecourse.engine.dispatch import claim, process_item, recover_expired_leases, run_due
+from duecourse.engine.dispatch import _Batch, claim, process_item, recover_expired_leases, run_due
 from duecourse.engine.enqueue import enqueue
 from duecourse.engine.models import ExecutionLogEntry, Interaction, QueueItem, Task
 from duecourse.ledger.models import Account
@@ -197,7 +197,7 @@ def test_blocked_after_enqueue_is_cancelled_not_sent(db, org, clock):
         assert ("cancelled", 0, "account_blocked") in log(s, a_id)
 
 
-def test_expired_lease_is_recovered_without_a_second_message(db, org, clock):
+def test_a_worker_that_dies_mid_batch_leaves_its_items_to_the_next_run_and_nothing_sent(db, org, clock):
     now = clock.now()
     _setup(db, org, now, [("email", "t", 0)])
     with db.transaction() as s:
@@ -207,23 +207,24 @@ def test_expired_lease_is_recovered_without_a_second_message(db, org, clock):
         from duecourse.engine.runs import run_strategy_now
         from duecourse.strategies.models import Strategy
         run_strategy_now(s, strategy=s.scalars(select(Strategy)).one(), now=now, principal=Principal.system(org.id))
-    with db.transaction() as s:
-        (item_id,) = claim(s, now=now, worker="w1", limit=10, lease_seconds=60)
-    # Worker 1 sends, then dies before committing: simulate by sending inside a rolled-back transaction.
+    # Worker 1 handles its batch (the sandbox send included), then dies before committing.
     try:
         with db.transaction() as s:
-            assert process_item(s, item_id=item_id, now=now, worker="w1") == "dispatched"
+            batch = _Batch()
+            (item_id,) = claim(s, batch, now=now, worker="w1", limit=10)
+            assert process_item(s, item_id=item_id, now=now, batch=batch) == "dispatched"
             raise RuntimeError("worker killed")
     except RuntimeError:
         pass
-    later = now + timedelta(minutes=5)
-    with db.transaction() as s:
-        assert recover_expired_leases(s, now=later) == 1
-    assert tick(db, now=later)["dispatch"] == {"dispatched": 1}
+    with db.transaction() as s:  # nothing of it remains: no lease to wait for
+        assert (s.get(QueueItem, item_id).status, s.get(QueueItem, item_id).attempt) == ("pending", 0)
+        assert recover_expired_leases(s, now=now + timedelta(minutes=5)) == 0
+    assert outbox(db, a_id) == []
+    assert tick(db, now=now)["dispatch"] == {"dispatched": 1}
     assert len(outbox(db, a_id)) == 1
     with db.transaction() as s:
         item = s.get(QueueItem, item_id)
-        assert (item.status, item.attempt, item.provider_ref) == ("completed", 2, f"sandbox-qi-{item_id}")
+        assert (item.status, item.attempt, item.provider_ref) == ("completed", 1, f"sandbox-qi-{item_id}")
 
 
 def test_metrics_show_queue_depth_and_dispatch_outcomes(db, org, clock, client):

@@ -34,7 +34,7 @@ from duecourse.channels.base import OutboundMessage, Provider, ProviderError
 from duecourse.channels.registry import Providers
 from duecourse.clock import Clock
 from duecourse.db.base import UTCDateTime
-from duecourse.db.dialect import claim_update, dialect_name, id_in
+from duecourse.db.dialect import dialect_name, id_in, serialize_on
 from duecourse.engine import dispatch_rows
 from duecourse.engine.assign import campaigns_enqueueable
 from duecourse.engine.cases import advance, log_event, refresh_account_tab, tabs_refreshed_at_end
@@ -70,6 +70,9 @@ DEFAULT_BATCH = 1000  # items per claim and transaction (the worker uses ``Setti
 # leaves its last items waiting at most ~100 sends (about 50 minutes) before another worker takes
 # them. A batch's further messages for the network are released for the next batch.
 MAX_NETWORK_SENDS = 100
+# Items passed by in one run because other transactions held their accounts: past this many, the
+# run ends and the worker's next poll tries again (each claim leaves them out by id).
+MAX_PASSED = 10_000
 ADDRESS = {"email": "email", "sms": "phone", "whatsapp": "whatsapp", "voice": "phone"}
 WAITS_FOR_OUTCOME = ("voice", "phone_call", "escalation")
 
@@ -84,35 +87,49 @@ def paused_organizations(session: Session) -> list[int]:
     return [org_id for org_id, data in rows if (data or {}).get("automation", {}).get("engine_paused")]
 
 
-def claim(
-    session: Session, *, now: datetime, worker: str, limit: int, lease_seconds: int = 300, organization_id: int | None = None
-) -> list[int]:
-    """Claim up to ``limit`` due pending items (oldest schedule first) as leases; returns their ids.
-    Items of organizations whose engine is paused stay pending (§4.7)."""
+def _due(stmt: Any, now: datetime, paused: list[int], organization_id: int | None, skip: Any) -> Any:
+    """``stmt`` narrowed to the due pending items, oldest schedule first (a case's stages in order)."""
     due = (
-        select(QueueItem.id)
-        .where(QueueItem.status == QueueStatus.pending.value, QueueItem.scheduled_at <= now)
+        stmt.where(QueueItem.status == QueueStatus.pending.value, QueueItem.scheduled_at <= now)
         .order_by(QueueItem.scheduled_at, QueueItem.stage_index, QueueItem.id)
-        .limit(limit)
     )
     if organization_id is not None:
         due = due.where(QueueItem.organization_id == organization_id)
-    paused = paused_organizations(session)
     if paused:
         due = due.where(QueueItem.organization_id.not_in(paused))
-    rows = claim_update(
-        session, QueueItem, due, where=(QueueItem.status == QueueStatus.pending.value,),
-        values=dict(
-            status=QueueStatus.processing.value,
-            claimed_by=worker,
-            lease_expires_at=now + timedelta(seconds=lease_seconds),
-            attempt=QueueItem.attempt + 1,
-            updated_at=now,
-        ),
-        returning=(QueueItem.id, QueueItem.scheduled_at, QueueItem.stage_index),
-    )
-    # Handled in schedule order, and a case's stages in their order.
-    return [r[0] for r in sorted(rows, key=lambda r: (r[1], r[2], r[0]))]
+    if skip:
+        due = due.where(QueueItem.id.not_in(sorted(skip)))
+    return due
+
+
+def claim(
+    session: Session, batch: _Batch, *, now: datetime, worker: str, limit: int, organization_id: int | None = None,
+    ids: list[int] | None = None, skip: Any = (),
+) -> list[int]:
+    """Claim up to ``limit`` due pending items (``ids``: those of them) for this transaction, lock
+    their accounts and read what the batch needs (``_preload``). Returns the claimed ids in the
+    order to handle them. Items of organizations whose engine is paused stay pending (§4.7).
+
+    Nothing is written: the items are marked claimed in memory (``process_item``), and what the batch
+    does to them is written once, when it commits. PostgreSQL locks them with ``FOR UPDATE SKIP
+    LOCKED``, so other workers pass them by; SQLite has one writer, and the claim takes the
+    database's write lock for the batch up front. A worker that dies leaves its items pending (its
+    transaction rolls back, and nothing was sent: network sends wait for the commit). An item whose
+    account another transaction holds (another worker's batch, an import, a request) is not taken:
+    it is listed in ``batch.busy``, untouched, for a later batch."""
+    postgres = dialect_name(session) == "postgresql"
+    if not postgres:
+        serialize_on(session, QueueItem.__table__, 0)  # SQLite: the database's write lock, before reading
+    stmt = _due(select(QueueItem), now, paused_organizations(session), organization_id, skip).limit(limit)
+    if ids is not None:
+        stmt = stmt.where(id_in(session, QueueItem.id, ids))
+    if postgres:
+        stmt = stmt.with_for_update(skip_locked=True)
+    # An item handed to a network provider gets its real lease then (``_dispatch``); every other item
+    # leaves ``processing`` before the batch commits.
+    batch.lease = dict(claimed_by=worker, lease_expires_at=now + timedelta(minutes=5), updated_at=now)
+    items = list(session.scalars(stmt))
+    return [i.id for i in _preload(session, batch, items, now=now, worker=worker, skip_locked=postgres)]
 
 
 def recover_expired_leases(session: Session, *, now: datetime) -> int:
@@ -164,6 +181,10 @@ class _Batch:
     in_flight_elsewhere: set[int] = field(default_factory=set)
     # Read for the whole batch up front (``_preload``) instead of item by item.
     preloaded: bool = False
+    # Claimed items passed by because another transaction holds their account (``claim``).
+    busy: list[int] = field(default_factory=list)
+    # What claiming sets on an item besides its status and attempt (worker, lease, time).
+    lease: dict[str, Any] = field(default_factory=dict)
     items: dict[int, QueueItem] = field(default_factory=dict)
     accounts: dict[int, Account] = field(default_factory=dict)
     contacts: dict[int, list[tuple[datetime, str]]] = field(default_factory=dict)
@@ -174,40 +195,65 @@ class _Batch:
     allowed_now: dict[tuple[int, str, str], bool] = field(default_factory=dict)
 
 
-def _preload(session: Session, batch: _Batch, ids: list[int], *, worker: str, now: datetime) -> None:
-    """Lock and read the batch's items and accounts (in id order, so workers never deadlock), their
-    contacts of the last 7 days (frequency limits) and their carrying invoices (templates): four
-    statements for the batch instead of four per item."""
-    items = session.scalars(
-        select(QueueItem)
-        .where(id_in(session, QueueItem.id, ids), QueueItem.status == QueueStatus.processing.value,
-               QueueItem.claimed_by == worker)
-        .order_by(QueueItem.id)
-        .with_for_update()
-    ).all()
-    batch.items = {i.id: i for i in items}
+def _preload(
+    session: Session, batch: _Batch, items: list[QueueItem], *, now: datetime, worker: str, skip_locked: bool
+) -> list[QueueItem]:
+    """Lock the claimed items' accounts (in id order) and read, for the whole batch instead of item by
+    item, their contacts of the last 7 days (frequency limits), their sends in other workers' hands,
+    their carrying invoices (templates) and whether their campaigns are open. Returns the items
+    whose accounts were locked; with ``skip_locked`` an account another transaction holds is passed
+    by, and its items go to ``batch.busy``."""
     rows = dispatch_rows.current(session)
-    if rows is not None:
-        rows.tracked.extend(items)  # their changes are written with Core at the end of the batch
     account_ids = sorted({i.account_id for i in items})
+    accounts: list[Account] = []
     if account_ids:
-        accounts = session.scalars(
-            select(Account).where(id_in(session, Account.id, account_ids)).order_by(Account.id).with_for_update()
-        ).all()
-        batch.accounts = {a.id: a for a in accounts}
-        if rows is not None:
-            rows.tracked.extend(accounts)
-        batch.contacts = {a: [] for a in account_ids}
-        for account_id, at, channel in _recent_contacts(session, account_ids, since=now - timedelta(days=7)):
+        accounts = list(session.scalars(
+            select(Account).where(id_in(session, Account.id, account_ids)).order_by(Account.id)
+            .with_for_update(skip_locked=skip_locked)
+        ))
+    locked = {a.id: a for a in accounts}
+    claimed = [i for i in items if i.account_id in locked]
+    batch.busy.extend(i.id for i in items if i.account_id not in locked)
+    batch.items.update((i.id, i) for i in claimed)
+    batch.accounts.update(locked)
+    if rows is not None:  # their changes are written with Core at the end of the batch
+        rows.tracked.extend(claimed)
+        rows.tracked.extend(accounts)
+    if accounts:
+        ids = sorted(locked)
+        for account_id in ids:
+            batch.contacts[account_id] = []
+        for account_id, at, channel in _recent_contacts(session, ids, since=now - timedelta(days=7)):
             batch.contacts[account_id].append((at, str(channel)))
-        batch.in_flight_elsewhere = _in_flight_elsewhere(session, account_ids, worker=worker, now=now)
+        batch.in_flight_elsewhere |= _in_flight_elsewhere(session, ids, worker=worker, now=now)
         invoice_ids = {a.carrying_invoice_id for a in accounts if a.carrying_invoice_id is not None}
         if invoice_ids:
-            batch.invoices = {row.id: row for row in session.execute(
+            batch.invoices.update((row.id, row) for row in session.execute(
                 select(Invoice.id, Invoice.organization_id, Invoice.number, Invoice.total, Invoice.due_date)
                 .where(id_in(session, Invoice.id, sorted(invoice_ids)))
-            )}
+            ))
+        # The organizations, their settings, the strategies with their stages and templates: read
+        # now, while nothing in the session is changed (a read later flushes the changes made so far).
+        for org_id in sorted({i.organization_id for i in claimed}):
+            get_settings(session, _get(session, Organization, org_id).id)
+        for strategy_id in sorted({i.strategy_id for i in claimed if i.strategy_id is not None}):
+            strategy = _get(session, Strategy, strategy_id)
+            for stage in strategy.stages if strategy is not None else ():
+                if stage.template_id is not None:
+                    _get(session, Template, stage.template_id)
+        campaigns: dict[int, set[int]] = defaultdict(set)
+        for a in accounts:
+            if a.campaign_id is not None:
+                campaigns[a.organization_id].add(a.campaign_id)
+        for org_id, campaign_ids in campaigns.items():
+            today = local_date(now, _get(session, Organization, org_id).timezone)
+            open_ids = set(session.scalars(
+                select(Campaign.id).where(id_in(session, Campaign.id, sorted(campaign_ids)),
+                                          campaigns_enqueueable(org_id, today))
+            ))
+            batch.campaign_open.update((c, c in open_ids) for c in campaign_ids)
     batch.preloaded = True
+    return claimed
 
 
 # PostgreSQL: one index probe per account (LATERAL, kept from being flattened by OFFSET 0). As a
@@ -275,35 +321,30 @@ _BREAKERS: dict[tuple[int, str], datetime] = {}
 
 
 def process_item(
-    session: Session, *, item_id: int, now: datetime, worker: str, providers: ProviderFactory = sandbox_providers,
-    batch: _Batch | None = None,
+    session: Session, *, item_id: int, now: datetime, batch: _Batch, providers: ProviderFactory = sandbox_providers,
 ) -> str:
-    """Handle one claimed item as one unit of work. Returns what happened (for counters and tests).
-    With ``batch``, a message for a network provider is rendered and left in ``batch.sends`` (outcome
-    ``sending``); without it, it is sent at once inside this transaction."""
-    if batch is not None and batch.preloaded:
-        item = batch.items.get(item_id)
-    else:
-        item = session.scalar(
-            select(QueueItem)
-            .where(QueueItem.id == item_id, QueueItem.status == QueueStatus.processing.value, QueueItem.claimed_by == worker)
-            .with_for_update()
-        )
+    """Handle one item that :func:`claim` claimed into ``batch``, in the batch's transaction. Returns
+    what happened (for counters and tests). A message for a network provider is rendered and left
+    in ``batch.sends`` (outcome ``sending``), to be sent after the transaction commits."""
+    item = batch.items.get(item_id)
     if item is None:
-        return "lost"  # the lease expired and another worker has it now
-    if batch is not None and batch.preloaded:
-        account = batch.accounts.get(item.account_id)
-    else:
-        account = session.scalar(select(Account).where(Account.id == item.account_id).with_for_update())
+        return "lost"  # not claimed here: another worker has it
+    if item.status == QueueStatus.pending:
+        # Claimed for this transaction: marked now, as each item is handled, so that a read that
+        # flushes the session midway writes the items handled so far and no others.
+        item.status = QueueStatus.processing
+        item.attempt += 1
+        for key, value in batch.lease.items():
+            setattr(item, key, value)
+    account = batch.accounts[item.account_id]
     org = _get(session, Organization, item.organization_id)
-    assert account is not None and org is not None
     ctx = _Ctx(session, item, account, org, get_settings(session, org.id),
                _get(session, Strategy, item.strategy_id) if item.strategy_id else None, now, batch)
 
     if item.sent_at is not None and item.provider_ref is not None:
         # Journaled as sent by a worker that died before recording it: record it, never send again.
         return _record_sent(ctx, item.provider_ref)
-    if batch is not None and account.id in batch.busy_accounts:
+    if account.id in batch.busy_accounts:
         # Another item of this account is on its way out in this batch: the frequency limits and the
         # stage order must see it first, so this one waits for the next batch.
         _release(ctx)
@@ -311,7 +352,7 @@ def process_item(
     if ctx.settings.automation.engine_paused:
         _release(ctx)
         return "released"
-    if batch is not None and account.id in batch.in_flight_elsewhere and item.action in CONTACT_CHANNELS:
+    if account.id in batch.in_flight_elsewhere and item.action in CONTACT_CHANNELS:
         # Another worker is sending this account a message right now; its interaction is not written
         # yet, so the frequency limits could not count it. Look again in a minute.
         return _hold(ctx, now + timedelta(minutes=1), reason="in_flight")
@@ -323,7 +364,7 @@ def process_item(
         if refused is not None:
             return refused
     outcome = _dispatch(ctx, providers, batch)
-    if outcome == "sending" and batch is not None:
+    if outcome == "sending":
         batch.busy_accounts.add(account.id)
     return outcome
 
@@ -535,7 +576,7 @@ def _message_context(ctx: _Ctx, unsubscribe: str | None) -> dict[str, Any]:
     }
 
 
-def _dispatch(ctx: _Ctx, providers: ProviderFactory, batch: _Batch | None = None) -> str:
+def _dispatch(ctx: _Ctx, providers: ProviderFactory, batch: _Batch) -> str:
     item, a, s = ctx.item, ctx.account, ctx.session
     channel = str(item.action)
     provider_ref: str | None = None
@@ -559,13 +600,14 @@ def _dispatch(ctx: _Ctx, providers: ProviderFactory, batch: _Batch | None = None
             provider = providers(s, ctx.now, ctx.org.id, channel)
         except Exception as exc:  # noqa: BLE001 - unreadable credentials, a broken configuration
             return _fail(ctx, f"provider configuration: {exc}", retryable=False, reason="provider_configuration")
-        if batch is not None and not getattr(provider, "in_transaction", False):
+        if not getattr(provider, "in_transaction", False):
             if len(batch.sends) >= MAX_NETWORK_SENDS:
                 _release(ctx)
                 return "released"
             # Sent after this transaction commits; the lease covers the wait for the network.
             timeout = getattr(getattr(providers, "settings", None), "provider_timeout_seconds", 10.0)
-            item.lease_expires_at = ctx.now + timedelta(seconds=300 + (len(batch.sends) + 1) * max(30.0, 2 * timeout))
+            item.lease_expires_at = ctx.now + timedelta(
+                seconds=ctx.settings.dispatch.lease_seconds + (len(batch.sends) + 1) * max(30.0, 2 * timeout))
             batch.sends.append(_Send(item.id, ctx.org.id, channel, provider, message))
             return "sending"
         try:
@@ -718,50 +760,66 @@ def run_due(
     if (now is None) == (clock is None):
         raise TypeError("run_due needs exactly one of now and clock")
     counts: dict[str, int] = {}
+    passed: set[int] = set()  # items whose accounts other transactions held: not claimed again in this run
     while True:
         if clock is not None:
             now = clock.now()
         assert now is not None
         with db.transaction() as session:
             recover_expired_leases(session, now=now)
-            ids = claim(session, now=now, worker=worker, limit=batch, organization_id=organization_id)
-        if not ids:
-            return counts
         with DISPATCH_SECONDS.time():
-            outcomes = _run_batch(db, ids, now=now, worker=worker, providers=providers)
+            outcomes, busy = _run_batch(db, now=now, worker=worker, providers=providers, limit=batch,
+                                        organization_id=organization_id, skip=passed)
         for outcome in outcomes:
             key = outcome.split(":")[0]
             counts[key] = counts.get(key, 0) + 1
             DISPATCHES.labels(outcome=outcome).inc()
+        passed.update(busy)
+        if not outcomes or len(passed) > MAX_PASSED:
+            # Nothing due any more, or only items whose accounts are held elsewhere: the next run
+            # (the worker's next poll) takes them.
+            return counts
 
 
-def _run_batch(db: Any, ids: list[int], *, now: datetime, worker: str, providers: ProviderFactory) -> list[str]:
+def _run_batch(
+    db: Any, *, now: datetime, worker: str, providers: ProviderFactory, limit: int = DEFAULT_BATCH,
+    organization_id: int | None = None, skip: Any = (),
+) -> tuple[list[str], list[int]]:
+    """Claim and handle one batch in one transaction, then send its network messages and record
+    them. Returns the outcomes and the items passed by because their accounts were busy."""
     pending = _Batch()
+    ids: list[int] = []
     try:
         with db.transaction() as session, tabs_refreshed_at_end(session), dispatch_rows.collecting(session):
-            _preload(session, pending, ids, worker=worker, now=now)
-            outcomes = [process_item(session, item_id=i, now=now, worker=worker, providers=providers, batch=pending)
-                        for i in ids]
+            ids = claim(session, pending, now=now, worker=worker, limit=limit, organization_id=organization_id,
+                        skip=skip)
+            outcomes = [process_item(session, item_id=i, now=now, providers=providers, batch=pending) for i in ids]
     except Exception:  # noqa: BLE001 - one bad item must not hold the others: redo them one by one
+        if not ids:
+            raise  # the claim itself failed: nothing was taken
         log.exception("dispatch batch failed; handling its %d items one at a time", len(ids))
-        pending = _Batch()
+        busy, pending = pending.busy, _Batch()
         outcomes = [_one(db, i, now=now, worker=worker, providers=providers, batch=pending) for i in ids]
+        pending.busy = busy
     if pending.sends:
         _send_all(db, pending.sends, now=now)
         recorded = _record_all(db, pending.sends, now=now, worker=worker)
         outcomes = [o for o in outcomes if o != "sending"] + recorded
-    return outcomes
+    return outcomes, pending.busy
 
 
 def _one(db: Any, item_id: int, *, now: datetime, worker: str, providers: ProviderFactory, batch: _Batch) -> str:
     try:
         with db.transaction() as session:
-            return process_item(session, item_id=item_id, now=now, worker=worker, providers=providers, batch=batch)
+            if not claim(session, batch, now=now, worker=worker, limit=1, ids=[item_id]):
+                return "lost"  # another worker took it meanwhile, or its account is busy
+            return process_item(session, item_id=item_id, now=now, providers=providers, batch=batch)
     except Exception as exc:  # noqa: BLE001
         log.exception("dispatch of queue item %s failed", item_id)
         with db.transaction() as session:
             session.execute(
-                update(QueueItem).where(QueueItem.id == item_id, QueueItem.claimed_by == worker)
+                # Still pending: the failed transaction left it so, unless another worker has it now.
+                update(QueueItem).where(QueueItem.id == item_id, QueueItem.status == QueueStatus.pending.value)
                 # The exception's own text can carry SQL and its parameters: it goes to the worker's
                 # log only; the queue (shown to every role) says what kind of failure it was.
                 .values(status=QueueStatus.failed.value, reason="internal_error",

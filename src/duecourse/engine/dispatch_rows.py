@@ -77,7 +77,7 @@ class BatchRows:
                 if postgres:
                     insert_json(session, table, rows)
                 else:
-                    session.execute(insert(table), rows)
+                    session.connection().execute(insert(table), rows)
                 self.statements += 1
                 rows.clear()
 
@@ -289,7 +289,9 @@ def update_changed(session: Session, objects: list[Any], *, postgres: bool, with
                 pending[tab_org].difference_update(r["id"] for r in rows)
         else:
             stmt = update(table).where(table.c.id == bindparam("_id")).values({n: bindparam(n) for n in names})
-            session.execute(stmt, [{"_id": r["id"], **{n: r[n] for n in names}} for r in rows])
+            # On the connection: through the session, the statement would first flush the batch's
+            # objects with the unit of work, writing every change twice.
+            session.connection().execute(stmt, [{"_id": r["id"], **{n: r[n] for n in names}} for r in rows])
     # Written: the objects are as clean as after a flush (what the unit of work itself does after
     # writing them; without it the next flush would walk every object of the batch for changes).
     InstanceState._commit_all_states([(st, st.dict) for st in written], session.identity_map)
