@@ -63,15 +63,17 @@ def child_ours(url: str, worker: str, batch: int, profile: bool) -> None:
     from duecourse.engine.runner import freeze_startup_heap
 
     db = Database(url)
+    backends = ec.backend_pids(db)  # this worker's PostgreSQL server processes (their CPU time, Linux)
     prof = ec.StatementProfile(db.engine) if profile else None
     if os.environ.get("BENCH_NO_FREEZE") != "1":
         freeze_startup_heap()  # as `duecourse worker` does
     start = time.time()
-    cpu0 = time.process_time()
+    cpu0, server0 = time.process_time(), ec.backend_cpu_seconds(backends)
     counts = run_due(db, now=ec.NOW, worker=worker, batch=batch)
     end = time.time()
     out: dict[str, Any] = {"worker": worker, "start": start, "end": end, "counts": counts,
-                           "cpu_seconds": round(time.process_time() - cpu0, 2)}
+                           "cpu_seconds": round(time.process_time() - cpu0, 2),
+                           "server_cpu_seconds": round(ec.backend_cpu_seconds(backends) - server0, 2)}
     if prof:
         out["sql_seconds"] = round(sum(v[1] for v in prof.totals.values()), 2)
         out["sql_statements"] = int(sum(v[0] for v in prof.totals.values()))
@@ -185,6 +187,12 @@ def run_ours(label: str, url: str, m: int, workers: int, batch: int, profile: bo
     print(f"[{label}]   {m:,} items in {r['working_seconds']:.1f}s working ({r['wall_seconds']:.1f}s from spawn): "
           f"{r['items_per_s']:,} items/s ({r['items_per_s_wall']:,}/s wall); "
           f"per worker {[w['counts'] for w in r['workers']]}, peak RSS {[w['peak_rss_mb'] for w in r['workers']]} MB", flush=True)
+    if all("server_cpu_seconds" in w for w in r["workers"]):
+        worker_cpu = sum(w["cpu_seconds"] for w in r["workers"])
+        server_cpu = sum(w["server_cpu_seconds"] for w in r["workers"])
+        r["cpu_ms_per_item"] = {"workers": round(1000 * worker_cpu / m, 3), "server": round(1000 * server_cpu / m, 3)}
+        print(f"[{label}]   CPU per item: workers {1000 * worker_cpu / m:.3f} ms, their PostgreSQL server processes "
+              f"{1000 * server_cpu / m:.3f} ms (of {2 * r['working_seconds'] * 1000 / m:.3f} ms of two cores)", flush=True)
     print(f"[{label}]   check: {check}", flush=True)
     return {**prep, **r, "check": check}
 

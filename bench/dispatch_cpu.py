@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import sys
 import time
 from pathlib import Path
@@ -28,19 +27,6 @@ import dispatch_bench
 import engine_common as ec
 
 
-def backend_cpu_seconds(pids: set[int]) -> float:
-    """utime + stime of the given server processes."""
-    total = 0.0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except FileNotFoundError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--items", type=int, default=10_000)
@@ -49,8 +35,6 @@ def main() -> None:
     p.add_argument("--statements", action="store_true", help="print the statements by total time")
     p.add_argument("--db-name", default="duecourse_dispatch_cpu")
     args = p.parse_args()
-
-    from sqlalchemy import event
 
     from duecourse.config import Settings
     from duecourse.db import Database
@@ -63,16 +47,7 @@ def main() -> None:
     try:
         dispatch_bench.prepare_ours("cpu", url, args.items)
         db = Database(url)
-        pids: set[int] = set()
-
-        @event.listens_for(db.engine, "connect")
-        def _backend(dbapi_conn, _record):  # type: ignore[no-untyped-def]
-            with dbapi_conn.cursor() as cur:
-                cur.execute("SELECT pg_backend_pid()")
-                pids.add(cur.fetchone()[0])
-
-        with db.engine.connect():
-            pass  # the pooled connection the run reuses, so its server process is known up front
+        pids = ec.backend_pids(db)
         profile = ec.StatementProfile(db.engine) if args.statements else None
         if not args.no_freeze:
             freeze_startup_heap()
@@ -86,12 +61,12 @@ def main() -> None:
                 collecting["runs"] += 1
 
         gc.callbacks.append(_gc)
-        server0, worker0, wall0 = backend_cpu_seconds(pids), time.process_time(), time.perf_counter()
+        server0, worker0, wall0 = ec.backend_cpu_seconds(pids), time.process_time(), time.perf_counter()
         counts = run_due(db, now=ec.NOW, worker="cpu", batch=batch)
         wall = time.perf_counter() - wall0
         gc.callbacks.remove(_gc)
         worker = time.process_time() - worker0
-        server = backend_cpu_seconds(pids) - server0
+        server = ec.backend_cpu_seconds(pids) - server0
         db.dispose()
         n = args.items
         print(f"{counts} with batch {batch}: {wall:.2f} s ({n / wall:,.0f} items/s, one worker); "

@@ -282,3 +282,34 @@ class StatementProfile:
 
 def later(seconds: float) -> datetime:
     return NOW + timedelta(seconds=seconds)
+
+
+def backend_pids(db: Any) -> set[int]:
+    """The PostgreSQL server processes of ``db``'s connections (filled in as they connect; the pooled
+    connection a run reuses is opened here, so its process is known before the run starts)."""
+    from sqlalchemy import event
+
+    pids: set[int] = set()
+
+    @event.listens_for(db.engine, "connect")
+    def _backend(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+        with dbapi_conn.cursor() as cur:
+            cur.execute("SELECT pg_backend_pid()")
+            pids.add(cur.fetchone()[0])
+
+    with db.engine.connect():
+        pass
+    return pids
+
+
+def backend_cpu_seconds(pids: set[int]) -> float:
+    """utime + stime of the given server processes (Linux: /proc; they run on this machine)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total

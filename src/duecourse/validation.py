@@ -51,6 +51,7 @@ def currency_code(value: str) -> str:
     return v
 
 
+@lru_cache(maxsize=256)  # asked for every dispatched message
 def currency_places(currency: str) -> int:
     return min(get_currency_precision(currency), MONEY_PLACES)
 

@@ -67,13 +67,17 @@ def advance(session: Session, account: Account, *, completed_stage: int, stage_c
         # callback too; otherwise its expiry would advance the case a second time.
         account.status = AccountStatus.in_auto_management
         account.callback_at = None
+    # (Cleared only when set: every attribute write is tracked, and a dispatch advances thousands.)
     if not keep_adjustment:
-        account.case_next_delay_days = None
-        account.case_tone_override = None
+        if account.case_next_delay_days is not None:
+            account.case_next_delay_days = None
+        if account.case_tone_override is not None:
+            account.case_tone_override = None
     account.case_next_stage = nxt
     account.case_prev_completed_at = now
     account.case_prev_completed_on = local_date(now, org_tz)
-    account.case_retry_count = 0
+    if account.case_retry_count != 0:
+        account.case_retry_count = 0
     account.updated_at = now
     if nxt >= stage_count:
         account.case_sequence_finished = True

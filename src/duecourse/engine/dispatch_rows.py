@@ -220,19 +220,17 @@ def insert_json(session: Session, table: Table, rows: list[dict[str, Any]]) -> N
 
 
 def _json_rows(rows: list[dict[str, Any]], conversions: Iterable[tuple[str, Callable[[Any], Any]]]) -> str:
-    """The rows as one compact JSON array, each value converted for its column."""
+    """The rows as one compact JSON array, each value converted for its column. The dicts are
+    converted in place: they were made for this statement and are dropped after it."""
     conversions = list(conversions)
     converted = [(n, f) for n, f in conversions if f is not _plain]
     width = len(conversions)
-    out = []
-    for r in rows:
-        row = dict(r)
+    for row in rows:
         if len(row) != width:  # every row has exactly the columns of the statement
             raise KeyError(f"row with columns {sorted(row)} for a statement of {[n for n, _ in conversions]}")
         for n, f in converted:
             row[n] = f(row[n])
-        out.append(row)
-    return orjson.dumps(out).decode()
+    return orjson.dumps(rows).decode()
 
 
 _COLUMN_KEYS: dict[Any, frozenset[str]] = {}

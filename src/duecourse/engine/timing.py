@@ -33,6 +33,7 @@ def weekday_set(days: Iterable[str] | str) -> frozenset[int]:
     return frozenset(WEEKDAYS.index(d.strip()) for d in items if d.strip())
 
 
+@lru_cache(maxsize=1024)  # the same few instants and zones, item after item of a dispatch batch
 def local_date(at: datetime, tz: str) -> date:
     """The calendar date of ``at`` in ``tz`` ("today" for that organization or debtor)."""
     return at.astimezone(zone(tz)).date()

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from datetime import datetime
 from typing import Any
-from zoneinfo import ZoneInfo
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from duecourse.engine.timing import local_date
 from duecourse.errors import Conflict, FieldError, ValidationFailed
 from duecourse.ledger.models import Account, Invoice
 from duecourse.messaging import rendering
@@ -275,9 +275,8 @@ def account_context_for(
         invoice = session.get(Invoice, account.carrying_invoice_id) if account.carrying_invoice_id is not None else None
     if invoice is not None and invoice.organization_id != organization_id:
         invoice = None
-    today = now.astimezone(ZoneInfo(account.timezone or org.timezone)).date()
+    today = local_date(now, account.timezone or org.timezone)
     places = currency_places(account.currency)
-    stand_in_pay, stand_in_unsubscribe = preview_links(account.external_id)
     link = get_settings(session, organization_id).messages.payment_link  # read once per session
     pay: Any
     if link is not None:
@@ -286,7 +285,7 @@ def account_context_for(
             balance=rendering.amount_text(account.balance, places), currency=account.currency,
         )
     elif preview:
-        pay = stand_in_pay
+        pay = preview_links(account.external_id)[0]
     else:
         pay = rendering.unavailable("payment_link", PAYMENT_LINK_NOT_CONFIGURED)
     return rendering.account_context(
@@ -299,7 +298,7 @@ def account_context_for(
         invoice_due_date=invoice.due_date if invoice else None,
         today=today,
         payment_link=pay,
-        unsubscribe_link=unsubscribe_link or stand_in_unsubscribe,
+        unsubscribe_link=unsubscribe_link or preview_links(account.external_id)[1],
         organization_name=org.name,
     )
 
