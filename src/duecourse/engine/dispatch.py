@@ -329,11 +329,10 @@ def process_item(
     item = batch.items.get(item_id)
     if item is None:
         return "lost"  # not claimed here: another worker has it
-    if item.status == QueueStatus.pending:
-        # Claimed for this transaction: marked now, as each item is handled, so that a read that
-        # flushes the session midway writes the items handled so far and no others.
-        item.status = QueueStatus.processing
-        item.attempt += 1
+    # This attempt, counted as the item is handled (a read that flushes the session midway writes
+    # the items handled so far and no others). Every way out of here sets the item's status: its
+    # outcome, pending again, or ``processing`` for a message handed to the network.
+    item.attempt += 1
     account = batch.accounts[item.account_id]
     org = _get(session, Organization, item.organization_id)
     ctx = _Ctx(session, item, account, org, get_settings(session, org.id),
@@ -614,6 +613,7 @@ def _dispatch(ctx: _Ctx, providers: ProviderFactory, batch: _Batch) -> str:
                 return "released"
             # Sent after this transaction commits; the lease covers the wait for the network.
             timeout = getattr(getattr(providers, "settings", None), "provider_timeout_seconds", 10.0)
+            item.status = QueueStatus.processing
             item.claimed_by = batch.worker
             item.updated_at = ctx.now
             item.lease_expires_at = ctx.now + timedelta(

@@ -127,6 +127,8 @@ def earliest_within_limit(
 
     ``contacts`` are the instants of earlier contacts that count toward this limit.
     """
+    if not contacts and (per_day is None or per_day > 0) and (per_week is None or per_week > 0):
+        return now  # nothing to count (most accounts on most days)
     earliest = now
     for limit, window in ((per_day, timedelta(days=1)), (per_week, timedelta(days=7))):
         if limit is None:
