@@ -187,7 +187,7 @@ def run_ours(label: str, url: str, m: int, workers: int, batch: int, profile: bo
     print(f"[{label}]   {m:,} items in {r['working_seconds']:.1f}s working ({r['wall_seconds']:.1f}s from spawn): "
           f"{r['items_per_s']:,} items/s ({r['items_per_s_wall']:,}/s wall); "
           f"per worker {[w['counts'] for w in r['workers']]}, peak RSS {[w['peak_rss_mb'] for w in r['workers']]} MB", flush=True)
-    if all("server_cpu_seconds" in w for w in r["workers"]):
+    if label == "postgresql" and all("server_cpu_seconds" in w for w in r["workers"]):
         worker_cpu = sum(w["cpu_seconds"] for w in r["workers"])
         server_cpu = sum(w["server_cpu_seconds"] for w in r["workers"])
         r["cpu_ms_per_item"] = {"workers": round(1000 * worker_cpu / m, 3), "server": round(1000 * server_cpu / m, 3)}

@@ -290,6 +290,8 @@ def backend_pids(db: Any) -> set[int]:
     from sqlalchemy import event
 
     pids: set[int] = set()
+    if db.dialect != "postgresql":
+        return pids  # SQLite runs in the worker's own process
 
     @event.listens_for(db.engine, "connect")
     def _backend(dbapi_conn, _record):  # type: ignore[no-untyped-def]
