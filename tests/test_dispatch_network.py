@@ -192,6 +192,24 @@ def test_a_message_handed_to_the_network_is_held_for_the_organizations_lease(db,
     assert remote.sent == [f"qi-{item_id}"]
 
 
+def test_a_message_is_not_sent_once_its_item_is_no_longer_the_workers(db, org, clock):
+    """Between the batch's commit and the send, the item's lease ran out and another worker took it
+    (or the batch never committed): the first worker must not send it too."""
+    now = clock.now()
+    _setup(db, org, now, [("email", "t", 0)])
+    _debtors(db, org, now, 1, "TAKEN")
+    _enqueue(db, org.id, now)
+    remote = Remote()
+    batch = _Batch()
+    with db.transaction() as s:
+        (item_id,) = claim(s, batch, now=now, worker="w1", limit=10)
+        assert process_item(s, item_id=item_id, now=now, providers=ByOrg({org.id: remote}), batch=batch) == "sending"
+    with db.transaction() as s:
+        s.get(QueueItem, item_id).claimed_by = "w2"
+    _send_all(db, batch.sends, now=now)
+    assert remote.sent == [] and batch.sends[0].withheld
+
+
 def test_a_delivery_report_faster_than_the_bookkeeping_is_applied_when_the_send_is_recorded(db, org, clock):
     now = clock.now()
     aid, item_id, remote, providers = _sent_not_recorded(db, org, now, [("email", "t", 0), ("sms", "p", 3)], "FAST")

@@ -21,6 +21,7 @@ spending attempts.
 from __future__ import annotations
 
 import logging
+import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from datetime import datetime, timedelta
 from typing import Any, Callable
 
 from sqlalchemy import BigInteger, String, bindparam, column, select, text, update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from duecourse.campaigns.models import Campaign
@@ -125,7 +127,7 @@ def claim(
     if ids is not None:
         stmt = stmt.where(id_in(session, QueueItem.id, ids))
     if postgres:
-        stmt = stmt.with_for_update(skip_locked=True)
+        stmt = stmt.with_for_update(skip_locked=True, key_share=True)
     batch.worker = worker
     items = list(session.scalars(stmt))
     return [i.id for i in _preload(session, batch, items, now=now, worker=worker, skip_locked=postgres)]
@@ -168,6 +170,7 @@ class _Send:
     # Not sent: the account changed after the batch decided (``_still_sendable``); decided again
     # when the batch is recorded.
     withheld: bool = False
+    worker: str = ""  # whose batch committed the item as ``processing`` (it is sent only while it still is)
 
 
 @dataclass
@@ -209,7 +212,7 @@ def _preload(
     if account_ids:
         accounts = list(session.scalars(
             select(Account).where(id_in(session, Account.id, account_ids)).order_by(Account.id)
-            .with_for_update(skip_locked=skip_locked)
+            .with_for_update(skip_locked=skip_locked, key_share=True)  # FOR NO KEY UPDATE: foreign-key checks pass
         ))
     locked = {a.id: a for a in accounts}
     claimed = [i for i in items if i.account_id in locked]
@@ -618,7 +621,7 @@ def _dispatch(ctx: _Ctx, providers: ProviderFactory, batch: _Batch) -> str:
             item.updated_at = ctx.now
             item.lease_expires_at = ctx.now + timedelta(
                 seconds=ctx.settings.dispatch.lease_seconds + (len(batch.sends) + 1) * max(30.0, 2 * timeout))
-            batch.sends.append(_Send(item.id, ctx.org.id, channel, provider, message))
+            batch.sends.append(_Send(item.id, ctx.org.id, channel, provider, message, worker=batch.worker))
             return "sending"
         try:
             provider_ref = provider.send(message).provider_ref
@@ -785,9 +788,9 @@ def run_due(
             counts[key] = counts.get(key, 0) + 1
             DISPATCHES.labels(outcome=outcome).inc()
         passed.update(busy)
-        if not outcomes or len(passed) > MAX_PASSED:
-            # Nothing due any more, or only items whose accounts are held elsewhere: the next run
-            # (the worker's next poll) takes them.
+        if (not outcomes and not busy) or len(passed) > MAX_PASSED:
+            # Nothing due any more but items whose accounts are held elsewhere (left out of every
+            # later claim of this run): the next run (the worker's next poll) takes them.
             return counts
 
 
@@ -801,9 +804,12 @@ def _run_batch(
     ids: list[int] = []
     try:
         with db.transaction() as session, tabs_refreshed_at_end(session), dispatch_rows.collecting(session):
+            started = time.monotonic()
             ids = claim(session, pending, now=now, worker=worker, limit=limit, organization_id=organization_id,
                         skip=skip)
             outcomes = [process_item(session, item_id=i, now=now, providers=providers, batch=pending) for i in ids]
+            # The network messages' leases run from when the batch commits, not from its start.
+            _extend_leases(pending, timedelta(seconds=time.monotonic() - started))
     except Exception:  # noqa: BLE001 - one bad item must not hold the others: redo them one by one
         if not ids:
             raise  # the claim itself failed: nothing was taken
@@ -819,24 +825,46 @@ def _run_batch(
 
 
 def _one(db: Any, item_id: int, *, now: datetime, worker: str, providers: ProviderFactory, batch: _Batch) -> str:
+    sends, busy_accounts = len(batch.sends), set(batch.busy_accounts)
+    seen: tuple[int, datetime] | None = None
     try:
         with db.transaction() as session:
+            started = time.monotonic()
             if not claim(session, batch, now=now, worker=worker, limit=1, ids=[item_id]):
                 return "lost"  # another worker took it meanwhile, or its account is busy
-            return process_item(session, item_id=item_id, now=now, providers=providers, batch=batch)
+            item = batch.items[item_id]
+            seen = (item.attempt, item.updated_at)
+            outcome = process_item(session, item_id=item_id, now=now, providers=providers, batch=batch)
+            _extend_leases(batch, timedelta(seconds=time.monotonic() - started), first=sends)
+            return outcome
     except Exception as exc:  # noqa: BLE001
+        # The transaction rolled back: a message it handed to the network must not go out.
+        del batch.sends[sends:]
+        batch.busy_accounts = busy_accounts
         log.exception("dispatch of queue item %s failed", item_id)
+        if seen is None or isinstance(exc, OperationalError):
+            return "lost"  # not handled, or a passing database failure (a deadlock, a lost connection): next batch
         with db.transaction() as session:
-            session.execute(
-                # Still pending: the failed transaction left it so, unless another worker has it now.
-                update(QueueItem).where(QueueItem.id == item_id, QueueItem.status == QueueStatus.pending.value)
-                # The exception's own text can carry SQL and its parameters: it goes to the worker's
-                # log only; the queue (shown to every role) says what kind of failure it was.
-                .values(status=QueueStatus.failed.value, reason="internal_error",
-                        error=f"internal error ({type(exc).__name__}); the worker's log has the details",
-                        finished_at=now, updated_at=now, claimed_by=None, lease_expires_at=None)
+            item = session.scalar(
+                select(QueueItem).where(QueueItem.id == item_id, QueueItem.status == QueueStatus.pending.value)
+                .with_for_update(skip_locked=True)
             )
+            if item is None or (item.attempt, item.updated_at) != seen:
+                return "lost"  # another worker has it, or has handled it since
+            # The exception's own text can carry SQL and its parameters: it goes to the worker's
+            # log only; the queue (shown to every role) says what kind of failure it was.
+            item.status, item.reason = QueueStatus.failed, "internal_error"
+            item.error = f"internal error ({type(exc).__name__}); the worker's log has the details"
+            item.finished_at = item.updated_at = now
+            _clear_lease(item)
         return "failed:internal_error"
+
+
+def _extend_leases(batch: _Batch, elapsed: timedelta, *, first: int = 0) -> None:
+    for send in batch.sends[first:]:
+        item = batch.items.get(send.item_id)
+        if item is not None and item.lease_expires_at is not None:
+            item.lease_expires_at += elapsed
 
 
 def _send_all(db: Any, sends: list[_Send], *, now: datetime) -> None:
@@ -890,7 +918,8 @@ def _still_sendable(db: Any, send: _Send) -> bool:
             row = session.execute(
                 select(account.status, account.balance, account.blocked, account.paused, account.case_number,
                        account.strategy_id, account[f"opt_out_{send.channel}"], account[INVALID_FLAG[send.channel]],
-                       item.case_number.label("item_case"), item.strategy_id.label("item_strategy"), strategy.active)
+                       item.case_number.label("item_case"), item.strategy_id.label("item_strategy"), strategy.active,
+                       item.status.label("item_status"), item.claimed_by)
                 .select_from(QueueItem.__table__.join(Account.__table__, account.id == item.account_id)
                              .outerjoin(Strategy.__table__, strategy.id == item.strategy_id))
                 .where(item.id == send.item_id)
@@ -900,7 +929,10 @@ def _still_sendable(db: Any, send: _Send) -> bool:
         return True
     if row is None:
         return False  # the item (with its account) was deleted
-    status, balance, blocked, paused, case_number, strategy_id, opted_out, invalid, item_case, item_strategy, active = row
+    (status, balance, blocked, paused, case_number, strategy_id, opted_out, invalid, item_case, item_strategy, active,
+     item_status, claimed_by) = row
+    if item_status != QueueStatus.processing.value or claimed_by != send.worker:
+        return False  # not this worker's any more (its lease ran out, another worker has it)
     return not (
         status == AccountStatus.resolved or balance <= 0 or blocked or paused or opted_out or invalid
         or case_number != item_case or strategy_id != item_strategy or not active
