@@ -1,7 +1,7 @@
 """The queue processor (SPEC §4.6) and the dispatch rules (§4.7).
 
 A worker claims a batch of due pending items and handles it in one transaction: the claim locks
-the items (``FOR UPDATE SKIP LOCKED`` on PostgreSQL, so other workers pass them by; SQLite has one
+the items (``FOR NO KEY UPDATE SKIP LOCKED`` on PostgreSQL, so other workers pass them by; SQLite has one
 writer) and their accounts, and writes nothing; each item's re-validation, dispatch rules, send,
 interaction and case advance are written when the batch commits, together or not at all. A worker
 that dies mid-batch leaves its items pending.
@@ -114,8 +114,8 @@ def claim(
     order to handle them. Items of organizations whose engine is paused stay pending (§4.7).
 
     Nothing is written: the items are marked claimed in memory (``process_item``), and what the batch
-    does to them is written once, when it commits. PostgreSQL locks them with ``FOR UPDATE SKIP
-    LOCKED``, so other workers pass them by; SQLite has one writer, and the claim takes the
+    does to them is written once, when it commits. PostgreSQL locks them with ``FOR NO KEY UPDATE
+    SKIP LOCKED``, so other workers pass them by; SQLite has one writer, and the claim takes the
     database's write lock for the batch up front. A worker that dies leaves its items pending (its
     transaction rolls back, and nothing was sent: network sends wait for the commit). An item whose
     account another transaction holds (another worker's batch, an import, a request) is not taken:
@@ -153,7 +153,7 @@ class _Ctx:
     settings: OrgSettings
     strategy: Strategy | None
     now: datetime
-    batch: _Batch | None = None
+    batch: _Batch | None = None  # read up front by ``claim``; None when recording network sends
 
 
 @dataclass
@@ -181,8 +181,6 @@ class _Batch:
     busy_accounts: set[int] = field(default_factory=set)
     # Accounts with a message on its way out through another worker (claimed, not yet recorded).
     in_flight_elsewhere: set[int] = field(default_factory=set)
-    # Read for the whole batch up front (``_preload``) instead of item by item.
-    preloaded: bool = False
     # Claimed items passed by because another transaction holds their account (``claim``).
     busy: list[int] = field(default_factory=list)
     # The claiming worker: an item handed to a network provider is committed in its name, with a
@@ -255,7 +253,6 @@ def _preload(
                                           campaigns_enqueueable(org_id, today))
             ))
             batch.campaign_open.update((c, c in open_ids) for c in campaign_ids)
-    batch.preloaded = True
     return claimed
 
 
@@ -510,7 +507,7 @@ def _dispatch_rules(ctx: _Ctx) -> str | None:
         return _skip(ctx, "invalid_contact_info", advance_case=True)
     tz = a.timezone or ctx.org.timezone
     hours = ctx.settings.dispatch.allowed_hours[channel]
-    if ctx.batch is not None and ctx.batch.preloaded:
+    if ctx.batch is not None:
         contacts = ctx.batch.contacts.get(a.id, [])
     else:
         contacts = ctx.session.execute(
@@ -659,7 +656,7 @@ def _record_sent(ctx: _Ctx, provider_ref: str | None, *, status: InteractionStat
         rows.interactions.append(interaction)  # inserted with the batch's other rows (dispatch_rows)
     else:
         s.add(Interaction(**interaction))
-    if ctx.batch is not None and ctx.batch.preloaded and channel in CONTACT_CHANNELS:
+    if ctx.batch is not None and channel in CONTACT_CHANNELS:
         ctx.batch.contacts.setdefault(a.id, []).append((ctx.now, channel))  # the next item's frequency limits
     item.provider_ref = provider_ref
     item.sent_at = item.sent_at or ctx.now
