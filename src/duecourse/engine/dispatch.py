@@ -73,9 +73,6 @@ DEFAULT_BATCH = 1000  # items per claim and transaction (the worker uses ``Setti
 # leaves its last items waiting at most ~100 sends (about 50 minutes) before another worker takes
 # them. A batch's further messages for the network are released for the next batch.
 MAX_NETWORK_SENDS = 100
-# Items passed by in one run because other transactions held their accounts: past this many, the
-# run ends and the worker's next poll tries again (each claim leaves them out by id).
-MAX_PASSED = 10_000
 ADDRESS = {"email": "email", "sms": "phone", "whatsapp": "whatsapp", "voice": "phone"}
 WAITS_FOR_OUTCOME = ("voice", "phone_call", "escalation")
 
@@ -90,7 +87,7 @@ def paused_organizations(session: Session) -> list[int]:
     return [org_id for org_id, data in rows if (data or {}).get("automation", {}).get("engine_paused")]
 
 
-def _due(stmt: Any, now: datetime, paused: list[int], organization_id: int | None, skip: Any) -> Any:
+def _due(stmt: Any, now: datetime, paused: list[int], organization_id: int | None) -> Any:
     """``stmt`` narrowed to the due pending items, oldest schedule first (a case's stages in order)."""
     due = (
         stmt.where(QueueItem.status == QueueStatus.pending.value, QueueItem.scheduled_at <= now)
@@ -100,37 +97,46 @@ def _due(stmt: Any, now: datetime, paused: list[int], organization_id: int | Non
         due = due.where(QueueItem.organization_id == organization_id)
     if paused:
         due = due.where(QueueItem.organization_id.not_in(paused))
-    if skip:
-        due = due.where(QueueItem.id.not_in(sorted(skip)))
     return due
 
 
 def claim(
     session: Session, batch: _Batch, *, now: datetime, worker: str, limit: int, organization_id: int | None = None,
-    ids: list[int] | None = None, skip: Any = (),
+    ids: list[int] | None = None,
 ) -> list[int]:
-    """Claim up to ``limit`` due pending items (``ids``: those of them) for this transaction, lock
-    their accounts and read what the batch needs (``_preload``). Returns the claimed ids in the
-    order to handle them. Items of organizations whose engine is paused stay pending (§4.7).
+    """Claim up to ``limit`` due pending items (``ids``: those of them) with their accounts for this
+    transaction and read what the batch needs (``_preload``). Returns the claimed ids in the order to
+    handle them. Items of organizations whose engine is paused stay pending (§4.7).
 
     Nothing is written: the items are marked claimed in memory (``process_item``), and what the batch
-    does to them is written once, when it commits. PostgreSQL locks them with ``FOR NO KEY UPDATE
-    SKIP LOCKED``, so other workers pass them by; SQLite has one writer, and the claim takes the
-    database's write lock for the batch up front. A worker that dies leaves its items pending (its
-    transaction rolls back, and nothing was sent: network sends wait for the commit). An item whose
-    account another transaction holds (another worker's batch, an import, a request) is not taken:
-    it is listed in ``batch.busy``, untouched, for a later batch."""
+    does to them is written once, when it commits. PostgreSQL locks each item together with its
+    account, ``FOR NO KEY UPDATE OF accounts, queue_items SKIP LOCKED``: an item is taken only if
+    both rows are free, so other workers pass by the items and every other item of the accounts this
+    batch holds, and this batch passes by the items of accounts another transaction holds (another
+    worker's batch, an import, a request) without locking them. The account is locked first: an item
+    whose account is held is never locked, so a request cancelling it does not wait for this batch.
+    SQLite has one writer, and the claim takes the database's write lock for the batch up front. A
+    worker that dies leaves its items pending (its transaction rolls back, and nothing was sent:
+    network sends wait for the commit)."""
     postgres = dialect_name(session) == "postgresql"
     if not postgres:
         serialize_on(session, QueueItem.__table__, 0)  # SQLite: the database's write lock, before reading
-    stmt = _due(select(QueueItem), now, paused_organizations(session), organization_id, skip).limit(limit)
+    stmt = _due(
+        select(QueueItem, Account).select_from(Account).join(QueueItem, QueueItem.account_id == Account.id),
+        now, paused_organizations(session), organization_id,
+    ).limit(limit)
     if ids is not None:
         stmt = stmt.where(id_in(session, QueueItem.id, ids))
     if postgres:
-        stmt = stmt.with_for_update(skip_locked=True, key_share=True)
+        # OF's order is the order the rows are locked in (accounts first, see above); FOR NO KEY
+        # UPDATE lets foreign-key checks on the account pass (inserting its interactions).
+        stmt = stmt.with_for_update(skip_locked=True, key_share=True, of=[Account, QueueItem])
     batch.worker = worker
-    items = list(session.scalars(stmt))
-    return [i.id for i in _preload(session, batch, items, now=now, worker=worker, skip_locked=postgres)]
+    rows = session.execute(stmt).all()
+    items = [item for item, _ in rows]
+    accounts = list({account.id: account for _, account in rows}.values())
+    _preload(session, batch, items, accounts, now=now, worker=worker)
+    return [i.id for i in items]
 
 
 def recover_expired_leases(session: Session, *, now: datetime) -> int:
@@ -181,8 +187,6 @@ class _Batch:
     busy_accounts: set[int] = field(default_factory=set)
     # Accounts with a message on its way out through another worker (claimed, not yet recorded).
     in_flight_elsewhere: set[int] = field(default_factory=set)
-    # Claimed items passed by because another transaction holds their account (``claim``).
-    busy: list[int] = field(default_factory=list)
     # The claiming worker: an item handed to a network provider is committed in its name, with a
     # lease (``_dispatch``); every other item leaves ``processing`` before the batch commits.
     worker: str = ""
@@ -197,31 +201,19 @@ class _Batch:
 
 
 def _preload(
-    session: Session, batch: _Batch, items: list[QueueItem], *, now: datetime, worker: str, skip_locked: bool
-) -> list[QueueItem]:
-    """Lock the claimed items' accounts (in id order) and read, for the whole batch instead of item by
-    item, their contacts of the last 7 days (frequency limits), their sends in other workers' hands,
-    their carrying invoices (templates) and whether their campaigns are open. Returns the items
-    whose accounts were locked; with ``skip_locked`` an account another transaction holds is passed
-    by, and its items go to ``batch.busy``."""
+    session: Session, batch: _Batch, items: list[QueueItem], accounts: list[Account], *, now: datetime, worker: str
+) -> None:
+    """Read, for the whole batch instead of item by item, the claimed accounts' contacts of the last
+    7 days (frequency limits), their sends in other workers' hands, their carrying invoices
+    (templates) and whether their campaigns are open."""
     rows = dispatch_rows.current(session)
-    account_ids = sorted({i.account_id for i in items})
-    accounts: list[Account] = []
-    if account_ids:
-        accounts = list(session.scalars(
-            select(Account).where(id_in(session, Account.id, account_ids)).order_by(Account.id)
-            .with_for_update(skip_locked=skip_locked, key_share=True)  # FOR NO KEY UPDATE: foreign-key checks pass
-        ))
-    locked = {a.id: a for a in accounts}
-    claimed = [i for i in items if i.account_id in locked]
-    batch.busy.extend(i.id for i in items if i.account_id not in locked)
-    batch.items.update((i.id, i) for i in claimed)
-    batch.accounts.update(locked)
+    batch.items.update((i.id, i) for i in items)
+    batch.accounts.update((a.id, a) for a in accounts)
     if rows is not None:  # their changes are written with Core at the end of the batch
-        rows.tracked.extend(claimed)
+        rows.tracked.extend(items)
         rows.tracked.extend(accounts)
     if accounts:
-        ids = sorted(locked)
+        ids = sorted(a.id for a in accounts)
         for account_id in ids:
             batch.contacts[account_id] = []
         for account_id, at, channel in _recent_contacts(session, ids, since=now - timedelta(days=7)):
@@ -235,9 +227,9 @@ def _preload(
             ))
         # The organizations, their settings, the strategies with their stages and templates: read
         # now, while nothing in the session is changed (a read later flushes the changes made so far).
-        for org_id in sorted({i.organization_id for i in claimed}):
+        for org_id in sorted({i.organization_id for i in items}):
             get_settings(session, _get(session, Organization, org_id).id)
-        for strategy_id in sorted({i.strategy_id for i in claimed if i.strategy_id is not None}):
+        for strategy_id in sorted({i.strategy_id for i in items if i.strategy_id is not None}):
             strategy = _get(session, Strategy, strategy_id)
             for stage in strategy.stages if strategy is not None else ():
                 if stage.template_id is not None:
@@ -253,7 +245,6 @@ def _preload(
                                           campaigns_enqueueable(org_id, today))
             ))
             batch.campaign_open.update((c, c in open_ids) for c in campaign_ids)
-    return claimed
 
 
 # PostgreSQL: one index probe per account (LATERAL, kept from being flattened by OFFSET 0). As a
@@ -770,7 +761,6 @@ def run_due(
     if (now is None) == (clock is None):
         raise TypeError("run_due needs exactly one of now and clock")
     counts: dict[str, int] = {}
-    passed: set[int] = set()  # items whose accounts other transactions held: not claimed again in this run
     while True:
         if clock is not None:
             now = clock.now()
@@ -778,32 +768,30 @@ def run_due(
         with db.transaction() as session:
             recover_expired_leases(session, now=now)
         with DISPATCH_SECONDS.time():
-            outcomes, busy = _run_batch(db, now=now, worker=worker, providers=providers, limit=batch,
-                                        organization_id=organization_id, skip=passed)
+            outcomes = _run_batch(db, now=now, worker=worker, providers=providers, limit=batch,
+                                  organization_id=organization_id)
         for outcome in outcomes:
             key = outcome.split(":")[0]
             counts[key] = counts.get(key, 0) + 1
             DISPATCHES.labels(outcome=outcome).inc()
-        passed.update(busy)
-        if (not outcomes and not busy) or len(passed) > MAX_PASSED:
-            # Nothing due any more but items whose accounts are held elsewhere (left out of every
-            # later claim of this run): the next run (the worker's next poll) takes them.
+        if not outcomes:
+            # Nothing due any more but items whose accounts are held elsewhere: the next run (the
+            # worker's next poll) takes them.
             return counts
 
 
 def _run_batch(
     db: Any, *, now: datetime, worker: str, providers: ProviderFactory, limit: int = DEFAULT_BATCH,
-    organization_id: int | None = None, skip: Any = (),
-) -> tuple[list[str], list[int]]:
+    organization_id: int | None = None,
+) -> list[str]:
     """Claim and handle one batch in one transaction, then send its network messages and record
-    them. Returns the outcomes and the items passed by because their accounts were busy."""
+    them. Returns the outcomes."""
     pending = _Batch()
     ids: list[int] = []
     try:
         with db.transaction() as session, tabs_refreshed_at_end(session), dispatch_rows.collecting(session):
             started = time.monotonic()
-            ids = claim(session, pending, now=now, worker=worker, limit=limit, organization_id=organization_id,
-                        skip=skip)
+            ids = claim(session, pending, now=now, worker=worker, limit=limit, organization_id=organization_id)
             outcomes = [process_item(session, item_id=i, now=now, providers=providers, batch=pending) for i in ids]
             # The network messages' leases run from when the batch commits, not from its start.
             _extend_leases(pending, timedelta(seconds=time.monotonic() - started))
@@ -811,14 +799,13 @@ def _run_batch(
         if not ids:
             raise  # the claim itself failed: nothing was taken
         log.exception("dispatch batch failed; handling its %d items one at a time", len(ids))
-        busy, pending = pending.busy, _Batch()
+        pending = _Batch()
         outcomes = [_one(db, i, now=now, worker=worker, providers=providers, batch=pending) for i in ids]
-        pending.busy = busy
     if pending.sends:
         _send_all(db, pending.sends, now=now)
         recorded = _record_all(db, pending.sends, now=now, worker=worker)
         outcomes = [o for o in outcomes if o != "sending"] + recorded
-    return outcomes, pending.busy
+    return outcomes
 
 
 def _one(db: Any, item_id: int, *, now: datetime, worker: str, providers: ProviderFactory, batch: _Batch) -> str:
