@@ -245,6 +245,61 @@ def test_two_processes_enqueueing_at_once_create_each_item_once(db, org, clock):
         assert opened == 30  # the second pass waited for the first and found nothing left to do
 
 
+def test_an_item_another_transaction_queues_meanwhile_is_skipped_not_doubled(db, org, clock):
+    """The pass's candidates leave out items already live; one that another transaction (an outcome
+    queueing the next stage, say) writes while the pass runs is caught by the unique index: the
+    pass waits for that transaction, then skips the item instead of failing or doubling it."""
+    import threading
+    import time
+
+    import pytest
+    from sqlalchemy import text
+
+    if db.dialect != "postgresql":
+        pytest.skip("two writers at once are a PostgreSQL deployment (SQLite has one writer)")
+    now = clock.now()
+    with db.transaction() as s:
+        st = strategy(s, org.id, now, [("email", "t", 0)], trigger_type="amount_threshold", trigger_amount=1)
+        ids = [debtor(s, org.id, now, f"RACE{i}", due=date(2026, 3, 30)).id for i in range(3)]
+        refresh(s, org.id, now)
+        from duecourse.engine.assign import assign_by_trigger
+        from duecourse.tenancy.models import Organization
+        assign_by_trigger(s, strategy=st, org=s.get(Organization, org.id), rates={}, now=now)
+        strategy_id = st.id
+    first = ids[0]
+    outcome: dict[str, object] = {}
+
+    def enqueue_pass() -> None:
+        try:
+            with db.transaction() as s:
+                outcome["enqueued"] = enqueue(s, organization_id=org.id, now=now, cause="race").enqueued
+        except BaseException as exc:  # noqa: BLE001
+            outcome["error"] = exc
+
+    with db.transaction() as other:
+        other.add(QueueItem(organization_id=org.id, account_id=first, strategy_id=strategy_id, case_number=1,
+                            stage_index=0, action="email", scheduled_at=now, batch_id="other",
+                            created_at=now, updated_at=now))
+        other.flush()
+        thread = threading.Thread(target=enqueue_pass)
+        thread.start()
+        deadline = time.monotonic() + 20
+        with db.engine.connect() as watch:  # until the pass waits for this transaction
+            while not watch.execute(text(
+                "SELECT 1 FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            )).first():
+                assert thread.is_alive() and time.monotonic() < deadline, outcome
+                time.sleep(0.02)
+    thread.join(20)
+    assert outcome == {"enqueued": 2}
+    with db.transaction() as s:
+        rows = s.execute(select(QueueItem.account_id, QueueItem.batch_id)).all()
+        assert sorted(a for a, _ in rows) == sorted(ids)
+        assert [b for a, b in rows if a == first] == ["other"]
+        logged = s.scalars(select(ExecutionLogEntry.account_id).where(ExecutionLogEntry.event == "enqueued")).all()
+        assert sorted(logged) == sorted(ids[1:])
+
+
 def test_a_case_without_a_next_stage_gets_its_first_action_at_enqueue(db, org, clock):
     # Cases choose their first stage as they open; a case left without one (opened while its strategy
     # had no stages, or written by an older version) gets it at the next enqueue, logged apart.

@@ -44,6 +44,7 @@ class QueueStatus(StrEnum):
 
 LIVE_QUEUE_STATUSES = (QueueStatus.pending, QueueStatus.processing)
 LIVE_ITEM_PREDICATE = "status IN ('pending', 'processing')"
+LIVE_ITEM_INDEX = "uq_queue_items_live_account_stage"
 
 
 class SkipReason(StrEnum):
@@ -62,7 +63,7 @@ class QueueItem(Base):
     __table_args__ = (
         # SPEC §4.5: at most one live item per account and stage. A constraint, not a check-then-insert.
         Index(
-            "uq_queue_items_live_account_stage",
+            LIVE_ITEM_INDEX,
             "account_id",
             "stage_index",
             unique=True,
