@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import BigInteger, Date, Integer, String, any_, bindparam, cast, func, literal, update
+from sqlalchemy import BigInteger, Date, Integer, String, any_, bindparam, cast, func, literal, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
@@ -36,6 +36,14 @@ def date_plus_days(session: Session, value: ColumnElement[Any], days: int | Colu
 def insert_for(session: Session, table: Any) -> Any:
     """The dialect's INSERT construct, which knows ``ON CONFLICT``."""
     return (postgresql.insert if dialect_name(session) == "postgresql" else sqlite.insert)(table)
+
+
+def roomy_joins(session: Session) -> None:
+    """PostgreSQL: for the rest of the transaction, let joins over millions of rows hash in memory
+    instead of spilling to disk (a spilled hash join also hands its rows on out of order, so the
+    inserts it feeds touch index pages at random instead of appending)."""
+    if dialect_name(session) == "postgresql":
+        session.execute(text("SET LOCAL work_mem = '128MB'"))
 
 
 def serialize_on(session: Session, table: Any, row_id: int) -> None:

@@ -45,7 +45,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
 from duecourse.campaigns.models import Campaign
-from duecourse.db.dialect import date_plus_days, dialect_name, insert_for, serialize_on
+from duecourse.db.dialect import date_plus_days, dialect_name, insert_for, roomy_joins, serialize_on
 from duecourse.engine.assign import (
     assign_campaign_accounts,
     campaigns_enqueueable,
@@ -139,6 +139,7 @@ def enqueue(
         raise ValueError(f"organization {organization_id} does not exist")
     # One pass per organization at a time: a second process waits here, then finds the work done.
     serialize_on(session, Organization.__table__, org.id)
+    roomy_joins(session)
     settings = get_settings(session, org.id)
     result = EnqueueResult()
     if settings.automation.engine_paused:

@@ -58,6 +58,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from duecourse.db.base import MONEY_PLACES, MONEY_SCALE, UTCDateTime
+from duecourse.db.dialect import roomy_joins
 from duecourse.errors import DomainError, FieldError, NotFound
 from duecourse.ledger.allocation import allocate_payments, release_allocations
 from duecourse.ledger.derived import refresh_accounts, refresh_accounts_single_pass
@@ -1091,8 +1092,7 @@ def _lock(session: Session, organization_id: int) -> None:
     """Imports into one organization run one at a time (SQLite serializes writers anyway)."""
     if session.get_bind().dialect.name == "postgresql":
         session.execute(text("SELECT pg_advisory_xact_lock(7454, :org)"), {"org": organization_id})
-        # Joins over millions of staged rows: let them hash in memory instead of spilling.
-        session.execute(text("SET LOCAL work_mem = '128MB'"))
+    roomy_joins(session)  # joins over millions of staged rows
 
 
 def run_import(
