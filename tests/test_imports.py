@@ -227,6 +227,31 @@ def test_empty_flag_cells_change_nothing_and_explicit_values_apply(org, db):
     assert accounts_by_ext(db)["A3"].blocked is False
 
 
+def test_a_blocked_account_has_a_reason_and_only_a_blocked_one_has_one(org, db):
+    """SPEC §2 (and the API's rule): judged on the account as the row leaves it."""
+    ok(org, "accounts", ACCOUNTS)  # A3 is blocked ("legal hold"), A1 is not
+    before = snapshot(db)
+    cases = [
+        ("external_id,name,blocked,blocked_reason\nN1,New,true,\n", "is required when the account is blocked"),
+        ("external_id,name,blocked\nN1,New,yes\n", "is required when the account is blocked"),
+        ("external_id,name,blocked\nA1,Ana García,true\n", "is required when the account is blocked"),
+        ("external_id,name,blocked_reason\nA3,Carla Rossi,\n", "is required when the account is blocked"),
+        ("external_id,name,blocked,blocked_reason\nN1,New,false,fraud\n", "only a blocked account has a reason"),
+        ("external_id,name,blocked_reason\nA1,Ana García,fraud\n", "only a blocked account has a reason"),
+    ]
+    for content, message in cases:
+        report = rejected(org, "accounts", content)
+        assert [(e["row"], e["column"], e["message"]) for e in report["errors"]] == [(1, "blocked_reason", message)], content
+        assert snapshot(db) == before
+    # Blocking with a reason, and a row that leaves the reason out keeps the stored one.
+    ok(org, "accounts", "external_id,name,blocked,blocked_reason\nA1,Ana García,true,disputed by lawyer\n")
+    ok(org, "accounts", "external_id,name,blocked\nA1,Ana García,true\n")
+    assert (accounts_by_ext(db)["A1"].blocked, accounts_by_ext(db)["A1"].blocked_reason) == (True, "disputed by lawyer")
+    # Unblocking clears the reason, also when the file has no reason column.
+    ok(org, "accounts", "external_id,name,blocked\nA3,Carla Rossi,false\n")
+    assert (accounts_by_ext(db)["A3"].blocked, accounts_by_ext(db)["A3"].blocked_reason) == (False, None)
+
+
 def test_a_new_address_clears_the_invalid_flag_of_the_old_one(org, db):
     ok(org, "accounts", ACCOUNTS)
     with db.transaction() as s:
@@ -915,6 +940,7 @@ def test_pipelined_path_writes_what_the_general_path_writes(org, other_org, db, 
     [
         ("accounts", MORE_ACCOUNTS + "A1,Again,,,,,,,,,,,,,,,\n", "external_id"),  # duplicate three chunks later
         ("accounts", MORE_ACCOUNTS + "A6,,,,,,,,,,,,,,,,\n", "name"),  # a bad row after chunks were written
+        ("accounts", MORE_ACCOUNTS + "A6,Blocked,,,,,,,,,,,,,true,,\n", "blocked_reason"),  # blocked, no reason
         ("invoices", MORE_INVOICES + "I8,NOPE,,,1,0,2026-01-01,2026-02-01,,\n", "account_external_id"),
         ("invoices", MORE_INVOICES + "I9,A4,,,1.5,0,2026-01-01,2026-02-01,,\n", "total"),  # JPY has no decimals
         ("invoices", MORE_INVOICES + "I10,A1,,USD,1,0,2026-01-01,2026-02-01,,\n", "currency"),

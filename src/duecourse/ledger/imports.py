@@ -546,6 +546,29 @@ def _accounts_check(sql: _Sql, errors: ErrorLog) -> None:
         "currency",
         lambda r: (f"cannot change from {r[2]}: the account already has invoices or payments in {r[2]}", r[1]),
     )
+    # A blocked account has a reason, and only a blocked one (SPEC §2, as in the API), judged on the
+    # account as the row leaves it: a column the row leaves out keeps the stored value.
+    blocked, reason = _after_row(sql, "blocked"), _after_row(sql, "blocked_reason")
+    sql.errors(
+        f"""SELECT s.row_no, COUNT(*) OVER () FROM {STAGE} s LEFT JOIN accounts t ON t.id = s.target_id
+            WHERE {blocked} AND {reason} IS NULL""",
+        errors,
+        "blocked_reason",
+        lambda r: ("is required when the account is blocked", None),
+    )
+    sql.errors(
+        f"""SELECT s.row_no, s.blocked_reason, COUNT(*) OVER () FROM {STAGE} s LEFT JOIN accounts t ON t.id = s.target_id
+            WHERE s.blocked_reason IS NOT NULL AND NOT {blocked}""",
+        errors,
+        "blocked_reason",
+        lambda r: ("only a blocked account has a reason", r[1]),
+    )
+
+
+def _after_row(sql: _Sql, f: str) -> str:
+    """SQL: the account's ``f`` once the staged row ``s`` is applied to the stored account ``t``
+    (``t`` is NULL for a new account: the row's value, or the column's default)."""
+    return f"(CASE WHEN {sql.has(f)} OR t.id IS NULL THEN s.{f} ELSE t.{f} END)"
 
 
 # Opt-outs only ever go one way in an import: a file can opt an account out of a channel, never
@@ -566,6 +589,8 @@ def _account_differs(sql: _Sql, f: str) -> str:
 def _account_set(sql: _Sql, f: str) -> str:
     if f in _ONE_WAY:
         return f"{f} = (t.{f} OR ({sql.has(f)} AND s.{f}))"
+    if f == "blocked_reason":  # unblocking clears the reason
+        return f"{f} = CASE WHEN {sql.pick('blocked')} THEN {sql.pick(f)} END"
     return f"{f} = {sql.pick(f)}"
 
 
@@ -888,8 +913,8 @@ def _after_apply(session: Session, sql: _Sql, stager: _Stager, report: ImportRep
 # GIL; the writer does almost no Python work of its own, so the database is rarely kept waiting
 # while the writer waits for the GIL). Each chunk's INSERT only writes rows the general path
 # would accept as new: an existing row or a duplicate within the file fails it on the unique
-# external id, and for invoices the account lookup and the currency and decimal-places rules in
-# its WHERE leave rows out. So if a chunk's INSERT fails or writes fewer rows than the chunk holds,
+# external id; for accounts a blocked row without a reason (or an unblocked one with one), and for
+# invoices the account lookup and the currency and decimal-places rules, are left out by its WHERE. So if a chunk's INSERT fails or writes fewer rows than the chunk holds,
 # or Python finds a bad row, the whole attempt is rolled back to a savepoint and the general path
 # runs from the start of the file, producing exactly its own result or report. A successful run
 # writes exactly what the general path writes for the same file.
@@ -984,7 +1009,7 @@ def _chunk_insert_sql(sql: _Sql) -> str:
                 balance, gross_open, created_at, updated_at)
             SELECT s.new_id, %(org)s, s.external_id, {values},
                 FALSE, 'resolved', 0, 0, FALSE, 0, 0, %(now)s, %(now)s
-            FROM {STAGE} s ORDER BY s.row_no"""
+            FROM {STAGE} s WHERE s.blocked = (s.blocked_reason IS NOT NULL) ORDER BY s.row_no"""
     # Invoices: the account by external id (an index probe per row: OFFSET 0 keeps the lateral
     # subquery from being flattened into a join that would read all of the organization's accounts
     # for every chunk); rows the general path would reject are left out, so the count tells.
