@@ -183,6 +183,16 @@ def test_check_secret_key_accepts_a_long_key_and_refuses_guessable_ones_everywhe
             check_secret_key(Settings(database_url="sqlite:///x.db", secret_key=bad))
 
 
+def test_check_secret_key_refuses_a_short_encryption_key() -> None:
+    from cryptography.fernet import Fernet
+
+    check_secret_key(Settings(database_url=PG_URL, secret_key=GOOD_KEY, encryption_key=Fernet.generate_key().decode()))
+    check_secret_key(Settings(database_url=PG_URL, secret_key=GOOD_KEY, encryption_key="x" * 32))
+    for bad in ("", "secret", "x" * 31, " " * 40):
+        with pytest.raises(SecretKeyError, match="DUECOURSE_ENCRYPTION_KEY is only"):
+            check_secret_key(Settings(database_url="sqlite:///x.db", secret_key=GOOD_KEY, encryption_key=bad))
+
+
 def test_create_app_never_signs_with_an_empty_key() -> None:
     with pytest.raises(SecretKeyError):
         create_app(Settings(database_url=PG_URL, secret_key=""))
