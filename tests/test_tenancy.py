@@ -45,6 +45,30 @@ def test_login_with_password_sets_session_cookie(org, client):
     assert client.get("/api/v1/me").status_code == 401
 
 
+def test_logout_ends_every_session_of_the_user_even_a_copied_cookie(org, client):
+    def login() -> str:
+        client.cookies.clear()
+        r = client.post("/api/v1/auth/login", json={"email": org.admin_email, "password": org.admin_password})
+        assert r.status_code == 200
+        return client.cookies["duecourse_session"]
+
+    def with_cookie(cookie: str, method: str, path: str) -> int:
+        client.cookies.clear()
+        client.cookies.set("duecourse_session", cookie)
+        return client.request(method, path).status_code
+
+    laptop, phone = login(), login()
+    assert [with_cookie(c, "GET", "/api/v1/me") for c in (laptop, phone)] == [200, 200]
+    # Logging out on the laptop: the cookie it held (say, copied by someone) and the phone's session
+    # no longer open anything; a new login does.
+    assert with_cookie(laptop, "POST", "/api/v1/auth/logout") == 204
+    assert [with_cookie(c, "GET", "/api/v1/me") for c in (laptop, phone)] == [401, 401]
+    # A stale cookie's logout changes nothing: the new session survives it.
+    fresh = login()
+    assert with_cookie(laptop, "POST", "/api/v1/auth/logout") == 204
+    assert with_cookie(fresh, "GET", "/api/v1/me") == 200
+
+
 def test_roles_are_enforced(org):
     assert org.get("/api/v1/users", role="viewer").status_code == 403
     assert org.get("/api/v1/users", role="manager").status_code == 403

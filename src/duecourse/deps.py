@@ -63,6 +63,15 @@ def principal_from_cookie(request: Request, session: Session) -> Principal | Non
     return tenancy.principal_for_user(session, *data)
 
 
+def end_cookie_session(request: Request, session: Session) -> None:
+    """Logout: end every session of the session cookie's user (if the cookie is a valid one)."""
+    cookie = request.cookies.get(SESSION_COOKIE)
+    settings = request.app.state.settings
+    data = load_session_token(settings.secret_key, cookie, settings.session_max_age_seconds) if cookie else None
+    if data is not None:
+        tenancy.end_sessions(session, user_id=data[0], mark=data[1])
+
+
 CurrentPrincipal = Annotated[Principal, Depends(_principal)]
 
 

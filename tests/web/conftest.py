@@ -54,8 +54,9 @@ class LiveServer:
 
     def session_cookie(self, user_id: int) -> str:
         with self.db.transaction() as s:
-            password_hash = s.get(User, user_id).password_hash
-        return new_session_token(SECRET, user_id=user_id, password_hash=password_hash)
+            user = s.get(User, user_id)
+            password_hash, generation = user.password_hash, user.session_generation
+        return new_session_token(SECRET, user_id=user_id, password_hash=password_hash, generation=generation)
 
 
 @dataclass

@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Body, Depends, Query, Request, Response
 from sqlalchemy import select
 
-from duecourse.deps import SESSION_COOKIE, AppClock, CurrentPrincipal, DbSession, Reader, requires
+from duecourse.deps import SESSION_COOKIE, AppClock, CurrentPrincipal, DbSession, Reader, end_cookie_session, requires
 from duecourse.errors import FieldError, ValidationFailed
 from duecourse.tenancy import service
 from duecourse.pagination import Page, PageParams, paginate
@@ -39,7 +39,8 @@ SettingsAdmin = requires(Permission.manage_settings)
 def login(body: LoginIn, request: Request, response: Response, session: DbSession, clock: AppClock) -> User:
     user = service.authenticate_password(session, email=body.email, password=body.password, now=clock.now())
     settings = request.app.state.settings
-    token = new_session_token(settings.secret_key, user_id=user.id, password_hash=user.password_hash)
+    token = new_session_token(settings.secret_key, user_id=user.id, password_hash=user.password_hash,
+                              generation=user.session_generation)
     response.set_cookie(
         SESSION_COOKIE, token, httponly=True, samesite="lax", max_age=settings.session_max_age_seconds,
         secure=settings.secure_cookies,
@@ -47,8 +48,12 @@ def login(body: LoginIn, request: Request, response: Response, session: DbSessio
     return user
 
 
-@router.post("/auth/logout", status_code=204, summary="Log out (clears the session cookie)")
-def logout(response: Response) -> Response:
+@router.post(
+    "/auth/logout", status_code=204,
+    summary="Log out: clears the session cookie and ends every session of the user, on every device",
+)
+def logout(request: Request, response: Response, session: DbSession) -> Response:
+    end_cookie_session(request, session)
     response.delete_cookie(SESSION_COOKIE)
     response.status_code = 204
     return response

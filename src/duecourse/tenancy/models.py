@@ -4,7 +4,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, ForeignKey, Index, String, Text, UniqueConstraint
+from sqlalchemy import JSON, Boolean, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from duecourse.db.base import Base, BigId, UTCDateTime
@@ -41,6 +41,9 @@ class User(Base):
     active: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True)
     created_at: Mapped[datetime] = utc_timestamp()
     last_login_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Counted up by a logout: the session cookies carry it (in their mark, security.session_mark), so
+    # a cookie copied before the logout no longer opens anything.
+    session_generation: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
 
 
 class ApiKey(Base):

@@ -39,18 +39,20 @@ def session_serializer(secret_key: str) -> URLSafeTimedSerializer:
     return URLSafeTimedSerializer(secret_key, salt="duecourse-session")
 
 
-def password_mark(password_hash: str) -> str:
-    """A short fingerprint of the user's password hash, carried in the session cookie: a new
-    password changes it, which ends every session opened with the old one."""
-    return hashlib.sha256(password_hash.encode()).hexdigest()[:16]
+def session_mark(password_hash: str, generation: int = 0) -> str:
+    """A short fingerprint of the user's password hash and session generation, carried in the
+    session cookie: a new password, or a logout (which counts the generation up), changes it, and
+    that ends every session opened before."""
+    material = password_hash if not generation else f"{password_hash}\x00{generation}"
+    return hashlib.sha256(material.encode()).hexdigest()[:16]
 
 
-def new_session_token(secret_key: str, *, user_id: int, password_hash: str) -> str:
-    return session_serializer(secret_key).dumps({"uid": user_id, "pw": password_mark(password_hash)})
+def new_session_token(secret_key: str, *, user_id: int, password_hash: str, generation: int) -> str:
+    return session_serializer(secret_key).dumps({"uid": user_id, "pw": session_mark(password_hash, generation)})
 
 
 def load_session_token(secret_key: str, token: str, max_age: int) -> tuple[int, str] | None:
-    """(user id, password mark) of a valid, unexpired session token, or None."""
+    """(user id, session mark) of a valid, unexpired session token, or None."""
     try:
         data = session_serializer(secret_key).loads(token, max_age=max_age)
     except (BadSignature, SignatureExpired):

@@ -15,7 +15,7 @@ from duecourse.tenancy import audit
 from duecourse.tenancy.models import ApiKey, Organization, OrganizationSettings, Role, User
 from duecourse.tenancy.principal import Principal
 from duecourse.tenancy.scope import get_owned, scoped
-from duecourse.tenancy.security import hash_api_key, hash_password, new_api_key, password_mark, verify_password
+from duecourse.tenancy.security import hash_api_key, hash_password, new_api_key, session_mark, verify_password
 from duecourse.tenancy.settings import OrgSettings
 
 
@@ -101,12 +101,20 @@ def principal_for_api_key(session: Session, key: str, now: datetime) -> Principa
 
 
 def principal_for_user(session: Session, user_id: int, mark: str) -> Principal | None:
-    """The principal of a session cookie's user: active, and with the password the session was
-    opened with (``mark``, :func:`~duecourse.tenancy.security.password_mark`)."""
+    """The principal of a session cookie's user: active, with the password the session was opened
+    with and not logged out since (``mark``, :func:`~duecourse.tenancy.security.session_mark`)."""
     user = session.get(User, user_id)
-    if user is None or not user.active or password_mark(user.password_hash) != mark:
+    if user is None or not user.active or session_mark(user.password_hash, user.session_generation) != mark:
         return None
     return Principal(organization_id=user.organization_id, role=user.role, actor=user.email, user_id=user.id)
+
+
+def end_sessions(session: Session, *, user_id: int, mark: str) -> None:
+    """Logout: every session cookie of the user stops working (this one, and any copy of it or other
+    session opened before), if ``mark`` is still a valid session's."""
+    user = session.get(User, user_id)
+    if user is not None and session_mark(user.password_hash, user.session_generation) == mark:
+        user.session_generation += 1
 
 
 def update_user(session: Session, *, principal: Principal, user_id: int, changes: dict[str, Any], now: datetime) -> User:

@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
-from duecourse.deps import SESSION_COOKIE, AppClock, DbSession, principal_from_cookie
+from duecourse.deps import SESSION_COOKIE, AppClock, DbSession, end_cookie_session, principal_from_cookie
 from duecourse.errors import Unauthorized
 from duecourse.tenancy import service as tenancy
 from duecourse.tenancy.security import new_session_token
@@ -67,7 +67,8 @@ def login(request: Request, form: CsrfForm, session: DbSession, clock: AppClock)
     response = RedirectResponse(next_url, status_code=303)
     response.set_cookie(
         SESSION_COOKIE,
-        new_session_token(settings.secret_key, user_id=user.id, password_hash=user.password_hash),
+        new_session_token(settings.secret_key, user_id=user.id, password_hash=user.password_hash,
+                          generation=user.session_generation),
         httponly=True,
         samesite="lax",
         max_age=settings.session_max_age_seconds,
@@ -78,7 +79,8 @@ def login(request: Request, form: CsrfForm, session: DbSession, clock: AppClock)
 
 
 @router.post("/logout")
-def logout(request: Request, form: CsrfForm) -> Response:
+def logout(request: Request, form: CsrfForm, session: DbSession) -> Response:
+    end_cookie_session(request, session)
     response = RedirectResponse("/login", status_code=303)
     response.delete_cookie(SESSION_COOKIE, secure=request.app.state.settings.secure_cookies, httponly=True,
                            samesite="lax")
