@@ -69,6 +69,35 @@ def test_logout_ends_every_session_of_the_user_even_a_copied_cookie(org, client)
     assert with_cookie(fresh, "GET", "/api/v1/me") == 200
 
 
+def test_a_browser_session_changes_nothing_from_another_sites_page(org, client):
+    """The session cookie goes along with any request a page makes, whatever site the page is on;
+    the API's JSON and body-less calls carry no CSRF token, so a cookie-authenticated change must
+    come from duecourse's own pages (Origin / Sec-Fetch-Site). API keys are not ambient: not checked."""
+    assert client.post("/api/v1/auth/login", json={"email": org.admin_email, "password": org.admin_password}).status_code == 200
+
+    def pause(headers: dict[str, str]):  # type: ignore[no-untyped-def]
+        return client.post("/api/v1/engine/pause", headers=headers)
+
+    def paused() -> bool:
+        return org.get("/api/v1/settings").json()["automation"]["engine_paused"]
+
+    for foreign in ({"Origin": "https://evil.example"}, {"Origin": "null"},
+                    {"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"},
+                    {"Origin": "http://testserver.evil.example"}):
+        r = pause(foreign)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden", foreign
+        assert "Cross-site request refused" in r.json()["error"]["message"]
+        assert paused() is False
+    # Reading is not a change; the app's own pages (and a program without a page) may change.
+    assert client.get("/api/v1/me", headers={"Origin": "https://evil.example"}).status_code == 200
+    assert pause({"Origin": "http://testserver", "Sec-Fetch-Site": "same-origin"}).status_code == 200 and paused()
+    assert client.post("/api/v1/engine/resume").status_code == 200 and not paused()
+    # An API key is sent by a program on purpose, never by a browser on its own.
+    client.cookies.clear()
+    r = client.post("/api/v1/engine/pause", headers={**org.headers(), "Origin": "https://evil.example"})
+    assert r.status_code == 200 and paused()
+
+
 def test_roles_are_enforced(org):
     assert org.get("/api/v1/users", role="viewer").status_code == 403
     assert org.get("/api/v1/users", role="manager").status_code == 403

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from typing import Annotated
+from urllib.parse import urlsplit
 
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
 from duecourse.clock import Clock
 from duecourse.db.session import unit_of_work
-from duecourse.errors import Unauthorized
+from duecourse.errors import Forbidden, Unauthorized
 from duecourse.tenancy import service as tenancy
 from duecourse.tenancy.principal import Permission, Principal
 from duecourse.tenancy.security import load_session_token
@@ -48,7 +49,32 @@ def _principal(request: Request, session: DbSession, clock: AppClock) -> Princip
     principal = principal_from_cookie(request, session)
     if principal is None:
         raise Unauthorized()
+    if request.method not in _SAFE_METHODS and not _from_own_pages(request):
+        raise Forbidden(
+            "Cross-site request refused: with a browser session, changes are made from duecourse's own pages "
+            "(programs use an API key: 'Authorization: Bearer <api key>')"
+        )
     return principal
+
+
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url.strip())
+    return f"{parts.scheme}://{parts.netloc}".lower()
+
+
+def _from_own_pages(request: Request) -> bool:
+    """Whether a request carrying the session cookie comes from this app's own pages (or from no
+    page at all: a program with a copied cookie), not from another site's page, which a browser would
+    send the cookie along with (CSRF). Browsers send ``Origin`` with every cross-origin POST, and
+    ``Sec-Fetch-Site`` with every request; the API's JSON and body-less calls carry no CSRF token."""
+    origin = request.headers.get("origin")
+    if origin is None:
+        return request.headers.get("sec-fetch-site", "none") in ("same-origin", "none")
+    own = {_origin(str(request.base_url)), _origin(request.app.state.settings.public_url)}
+    return origin != "null" and _origin(origin) in own
 
 
 def principal_from_cookie(request: Request, session: Session) -> Principal | None:
