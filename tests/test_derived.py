@@ -267,3 +267,8 @@ def test_the_minimum_balance_is_in_the_base_currency_and_converted_with_the_rate
     # The engine's own refreshes see the same rule: a new invoice moves the yen debtor over it.
     make_invoice(org, yen["id"], "4000")  # 5,000 JPY: about 31 EUR
     assert tabs()[0] == "outstanding"
+    # A new base currency moves the minimum with it: 25 KWD now, and the dinar debtor's 20 KWD is
+    # below it (the rates stay as entered: base-currency value of one unit).
+    r = org.patch(f"{API}/organization", json={"base_currency": "KWD"})
+    assert r.status_code == 200, r.text
+    assert tabs() == ["outstanding", "blocked", "blocked", "outstanding"]

@@ -175,6 +175,10 @@ def update_organization(session: Session, *, principal: Principal, values: dict[
         setattr(org, k, v)
     audit.record_changes(session, principal=principal, at=now, entity_type="organization", entity_id=org.id,
                          changes=changes, description_prefix="Organization")
+    if "base_currency" in changes and changes["base_currency"][0] != changes["base_currency"][1]:
+        # The minimum balance of the exclusion rules is in the base currency (§6).
+        session.info.get("org_settings", {}).pop(org.id, None)
+        _refresh_tabs(session, org.id)
     return org
 
 
@@ -249,12 +253,15 @@ def update_settings(
         row.updated_at = now
     session.info.get("org_settings", {}).pop(principal.organization_id, None)
     if any(k.startswith(("exclusions.", "exchange_rates")) for k in changes):
-        # SPEC §6: exclusion rules decide the Blocked tab (the minimum balance through the exchange
-        # rates), so every account's tab is recomputed. Balances do not depend on the settings: the
-        # one set-based tab update is enough.
-        from duecourse.ledger.derived import refresh_tabs
-
-        session.flush()
-        exclusions = _with_currencies(session, principal.organization_id, updated).exclusions
-        refresh_tabs(session, organization_id=principal.organization_id, exclusions=exclusions)
+        _refresh_tabs(session, principal.organization_id)
     return updated
+
+
+def _refresh_tabs(session: Session, organization_id: int) -> None:
+    """SPEC §6: exclusion rules decide the Blocked tab (the minimum balance, in the base currency,
+    through the exchange rates), so after a change to any of them every account's tab is
+    recomputed. Balances do not depend on them: the one set-based tab update is enough."""
+    from duecourse.ledger.derived import refresh_tabs
+
+    session.flush()
+    refresh_tabs(session, organization_id=organization_id, exclusions=get_settings(session, organization_id).exclusions)
