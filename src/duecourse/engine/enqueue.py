@@ -139,7 +139,6 @@ def enqueue(
         raise ValueError(f"organization {organization_id} does not exist")
     # One pass per organization at a time: a second process waits here, then finds the work done.
     serialize_on(session, Organization.__table__, org.id)
-    roomy_joins(session)
     settings = get_settings(session, org.id)
     result = EnqueueResult()
     if settings.automation.engine_paused:
@@ -444,16 +443,26 @@ def _scheduled_at(plan: _Plan, due: date, tz: str, action: str) -> datetime:
     return slot
 
 
+# From this many candidates on, an item insert is a bulk one (PostgreSQL): its joins may use more
+# memory for the rest of the transaction (``roomy_joins``: a hash join that spills to disk hands on
+# its rows out of account order, and the inserts it feeds then touch index pages at random), and it
+# is tried as a plain insert first (``_plain_first``).
+BULK_CANDIDATES = 10_000
+
+
 def _plain_first(session: Session, run: Any, plain: Any, guarded: Any) -> int:
     """``run(plain)`` in a savepoint, and ``run(guarded)`` (``ON CONFLICT DO NOTHING``) instead if
     another transaction queued one of the same live items meanwhile (PostgreSQL).
 
     ``ON CONFLICT`` is a speculative insertion: each row checks the unique index before it is
-    written and is confirmed after, about a quarter of an enqueue pass over a million accounts.
-    The candidates already leave out every (account, stage) with a live item, so the plain insert
-    is the common case; the unique index still decides a race: the plain insert waits for the other
-    transaction and fails on the index if it committed the same item, and the guarded insert then
-    skips that row."""
+    written and is confirmed after (an enqueue pass over a million accounts spends about a tenth
+    more with it). The candidates already leave out every (account, stage) with a live item, so
+    the plain insert is the common case; the unique index still decides a race: the plain insert
+    waits for the other transaction and fails on the index if it committed the same item, and the
+    guarded insert then skips that row. Used for large inserts only (``BULK_CANDIDATES``): each
+    savepoint is a subtransaction, and PostgreSQL slows every other session's snapshots down once
+    a transaction holds more than 64 of them (a scheduler cycle runs every strategy and campaign
+    of an organization in one transaction)."""
     try:
         with session.begin_nested():
             return int(run(plain))
@@ -471,9 +480,13 @@ def _insert_items(session: Session, plan: _Plan, *, where: ColumnElement[bool], 
     # queue as it was, not the rows this pass is inserting (which, on PostgreSQL with the planner
     # expecting few candidates, made the insert quadratic).
     session.execute(delete(_candidates))
-    session.execute(
+    candidates = session.execute(
         insert(_candidates).from_select(["account_id", "due_date", "tz"], select(Account.id, due, tz).where(where))
-    )
+        .execution_options(preserve_rowcount=True)
+    ).rowcount
+    bulk = candidates >= BULK_CANDIDATES
+    if bulk:
+        roomy_joins(session)
     if dialect_name(session) == "postgresql":
         # Temporary tables have no statistics; without them PostgreSQL joins by nested loop.
         session.execute(text(f"ANALYZE {_candidates.name}"))
@@ -544,15 +557,13 @@ def _insert_items(session: Session, plan: _Plan, *, where: ColumnElement[bool], 
     )
     if can_change_and_log(session):
         returning = (QueueItem.organization_id, QueueItem.account_id, QueueItem.case_number, QueueItem.stage_index, QueueItem.id)
-        plain = insert(QueueItem.__table__).from_select(columns, select_rows)
-        return _plain_first(
-            session,
-            lambda insert_stmt: change_and_log(
-                session, insert_stmt.returning(*returning), at=now, event="enqueued", cause=plan.cause
-            ),
-            plain,
-            stmt,
-        )
+
+        def run(insert_stmt: Any) -> int:
+            return change_and_log(session, insert_stmt.returning(*returning), at=now, event="enqueued", cause=plan.cause)
+
+        if not bulk:
+            return run(stmt)
+        return _plain_first(session, run, insert(QueueItem.__table__).from_select(columns, select_rows), stmt)
     # SQLite: the statement's rows are the ones with its batch mark, all above the highest id before
     # it (a range of the primary key, so no index on the mark is needed).
     before = session.scalar(select(func.coalesce(func.max(QueueItem.id), 0)))
