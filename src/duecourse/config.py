@@ -119,14 +119,16 @@ def check_secret_key(settings: Settings) -> None:
     setup's generated key: what is left unset is a deployment on another database (PostgreSQL).
     A key that is set must be at least 32 characters and not the old default, on any database; so
     must ``DUECOURSE_ENCRYPTION_KEY`` when it is set."""
-    if settings.encryption_key is not None and len(settings.encryption_key.strip()) < MIN_SECRET_KEY_LENGTH:
+    encryption_key = (settings.encryption_key or "").strip()
+    if encryption_key and len(encryption_key) < MIN_SECRET_KEY_LENGTH:  # (empty: unset, as everywhere)
         raise SecretKeyError(
-            f"DUECOURSE_ENCRYPTION_KEY is only {len(settings.encryption_key.strip())} characters long (at least "
+            f"DUECOURSE_ENCRYPTION_KEY is only {len(encryption_key)} characters long (at least "
             f"{MIN_SECRET_KEY_LENGTH} are needed). It encrypts the provider credentials stored in the database, so a "
             f"guessable key gives them away with a copy of the database. Set it to a Fernet key or a random value "
             f"of at least {MIN_SECRET_KEY_LENGTH} characters, the same for every process, e.g. "
             f"export DUECOURSE_ENCRYPTION_KEY=$({_GENERATE_HINT}); or unset it to derive the key from "
-            f"{SECRET_KEY_ENV}"
+            f"{SECRET_KEY_ENV}. Provider credentials saved under the old key cannot be read with a new one: "
+            f"enter them again under Settings, Channels (or through the API) after the change"
         )
     problem = secret_key_problem(settings.secret_key)
     if problem is None:
