@@ -83,6 +83,7 @@ def test_a_browser_session_changes_nothing_from_another_sites_page(org, client):
 
     for foreign in ({"Origin": "https://evil.example"}, {"Origin": "null"},
                     {"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"},
+                    {"Origin": "http://testserver", "Sec-Fetch-Site": "cross-site"},
                     {"Origin": "http://testserver.evil.example"}):
         r = pause(foreign)
         assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden", foreign
@@ -92,6 +93,12 @@ def test_a_browser_session_changes_nothing_from_another_sites_page(org, client):
     assert client.get("/api/v1/me", headers={"Origin": "https://evil.example"}).status_code == 200
     assert pause({"Origin": "http://testserver", "Sec-Fetch-Site": "same-origin"}).status_code == 200 and paused()
     assert client.post("/api/v1/engine/resume").status_code == 200 and not paused()
+    # Behind a proxy that rewrites the host, the browser's own word (Sec-Fetch-Site) decides.
+    assert pause({"Origin": "https://collect.example.com", "Sec-Fetch-Site": "same-origin"}).status_code == 200
+    assert client.post("/api/v1/engine/resume").status_code == 200 and not paused()
+    # Nor may another site's page log the user out (which ends their sessions everywhere).
+    r = client.post("/api/v1/auth/logout", headers={"Sec-Fetch-Site": "cross-site"})
+    assert r.status_code == 403 and client.get("/api/v1/me").status_code == 200
     # An API key is sent by a program on purpose, never by a browser on its own.
     client.cookies.clear()
     r = client.post("/api/v1/engine/pause", headers={**org.headers(), "Origin": "https://evil.example"})

@@ -49,7 +49,7 @@ def _principal(request: Request, session: DbSession, clock: AppClock) -> Princip
     principal = principal_from_cookie(request, session)
     if principal is None:
         raise Unauthorized()
-    if request.method not in _SAFE_METHODS and not _from_own_pages(request):
+    if request.method not in _SAFE_METHODS and not from_own_pages(request):
         raise Forbidden(
             "Cross-site request refused: with a browser session, changes are made from duecourse's own pages "
             "(programs use an API key: 'Authorization: Bearer <api key>')"
@@ -65,14 +65,21 @@ def _origin(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}".lower()
 
 
-def _from_own_pages(request: Request) -> bool:
+def from_own_pages(request: Request) -> bool:
     """Whether a request carrying the session cookie comes from this app's own pages (or from no
     page at all: a program with a copied cookie), not from another site's page, which a browser would
-    send the cookie along with (CSRF). Browsers send ``Origin`` with every cross-origin POST, and
-    ``Sec-Fetch-Site`` with every request; the API's JSON and body-less calls carry no CSRF token."""
+    send the cookie along with (CSRF; the API's JSON and body-less calls carry no CSRF token).
+
+    Current browsers say where a request comes from in ``Sec-Fetch-Site``, which is trusted when
+    present (it also holds behind a proxy that rewrites the host). Older ones send ``Origin`` with
+    every cross-origin POST: it must then be this app's address (``DUECOURSE_PUBLIC_URL``, or the
+    address the request came in on). A request with neither comes from no browser page."""
+    site = request.headers.get("sec-fetch-site")
+    if site is not None:
+        return site in ("same-origin", "none")
     origin = request.headers.get("origin")
     if origin is None:
-        return request.headers.get("sec-fetch-site", "none") in ("same-origin", "none")
+        return True
     own = {_origin(str(request.base_url)), _origin(request.app.state.settings.public_url)}
     return origin != "null" and _origin(origin) in own
 

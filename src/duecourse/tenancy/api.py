@@ -7,8 +7,17 @@ from typing import Any
 from fastapi import APIRouter, Body, Depends, Query, Request, Response
 from sqlalchemy import select
 
-from duecourse.deps import SESSION_COOKIE, AppClock, CurrentPrincipal, DbSession, Reader, end_cookie_session, requires
-from duecourse.errors import FieldError, ValidationFailed
+from duecourse.deps import (
+    SESSION_COOKIE,
+    AppClock,
+    CurrentPrincipal,
+    DbSession,
+    Reader,
+    end_cookie_session,
+    from_own_pages,
+    requires,
+)
+from duecourse.errors import FieldError, Forbidden, ValidationFailed
 from duecourse.tenancy import service
 from duecourse.pagination import Page, PageParams, paginate
 from duecourse.tenancy.models import AuditEntry, User
@@ -53,6 +62,8 @@ def login(body: LoginIn, request: Request, response: Response, session: DbSessio
     summary="Log out: clears the session cookie and ends every session of the user, on every device",
 )
 def logout(request: Request, response: Response, session: DbSession) -> Response:
+    if not from_own_pages(request):  # another site's page must not end the user's sessions
+        raise Forbidden("Cross-site request refused: log out from duecourse's own pages")
     end_cookie_session(request, session)
     response.delete_cookie(SESSION_COOKIE)
     response.status_code = 204
