@@ -250,6 +250,12 @@ def test_a_blocked_account_has_a_reason_and_only_a_blocked_one_has_one(org, db):
     # Unblocking clears the reason, also when the file has no reason column.
     ok(org, "accounts", "external_id,name,blocked\nA3,Carla Rossi,false\n")
     assert (accounts_by_ext(db)["A3"].blocked, accounts_by_ext(db)["A3"].blocked_reason) == (False, None)
+    # A new block needs its own reason, whatever an earlier one left behind (as in the API).
+    with db.transaction() as s:
+        s.scalars(select(Account).where(Account.external_id == "A3")).one().blocked_reason = "old hold"
+    report = rejected(org, "accounts", "external_id,name,blocked\nA3,Carla Rossi,true\n")
+    assert [(e["column"], e["message"]) for e in report["errors"]] == [
+        ("blocked_reason", "is required when the account is blocked")]
 
 
 def test_a_new_address_clears_the_invalid_flag_of_the_old_one(org, db):

@@ -390,9 +390,10 @@ class _Sql:
     def has(self, column: str, alias: str = "s") -> str:
         return f"(({alias}.present & {column_bit(self.kind, column)}) <> 0)"
 
-    def pick(self, column: str, target: str = "t") -> str:
-        """The value after the upsert: the file's when the column was given, else the stored one."""
-        return f"CASE WHEN {self.has(column)} THEN s.{column} ELSE {target}.{column} END"
+    def pick(self, column: str, stored: str | None = None) -> str:
+        """The value after the upsert: the file's when the column was given, else the stored one
+        (``t.column``, or the SQL ``stored``)."""
+        return f"CASE WHEN {self.has(column)} THEN s.{column} ELSE {stored or 't.' + column} END"
 
     def analyze(self, table: str, changed_rows: int | None = None) -> None:
         """PostgreSQL plans the joins that follow from statistics, and rows this transaction just
@@ -548,7 +549,8 @@ def _accounts_check(sql: _Sql, errors: ErrorLog) -> None:
     )
     # A blocked account has a reason, and only a blocked one (SPEC §2, as in the API), judged on the
     # account as the row leaves it: a column the row leaves out keeps the stored value.
-    blocked, reason = _after_row(sql, "blocked"), _after_row(sql, "blocked_reason")
+    blocked = _after_row(sql, "blocked")
+    reason = f"(CASE WHEN {sql.has('blocked_reason')} OR t.id IS NULL THEN s.blocked_reason ELSE {_stored_reason()} END)"
     sql.errors(
         f"""SELECT s.row_no, COUNT(*) OVER () FROM {STAGE} s LEFT JOIN accounts t ON t.id = s.target_id
             WHERE {blocked} AND {reason} IS NULL""",
@@ -563,6 +565,12 @@ def _accounts_check(sql: _Sql, errors: ErrorLog) -> None:
         "blocked_reason",
         lambda r: ("only a blocked account has a reason", r[1]),
     )
+
+
+def _stored_reason() -> str:
+    """SQL: the stored account's reason, if it is blocked (as in the API, a new block needs its own
+    reason, whatever an earlier block left behind)."""
+    return "(CASE WHEN t.blocked THEN t.blocked_reason END)"
 
 
 def _after_row(sql: _Sql, f: str) -> str:
@@ -590,7 +598,7 @@ def _account_set(sql: _Sql, f: str) -> str:
     if f in _ONE_WAY:
         return f"{f} = (t.{f} OR ({sql.has(f)} AND s.{f}))"
     if f == "blocked_reason":  # unblocking clears the reason
-        return f"{f} = CASE WHEN {sql.pick('blocked')} THEN {sql.pick(f)} END"
+        return f"{f} = CASE WHEN {sql.pick('blocked')} THEN {sql.pick(f, _stored_reason())} END"
     return f"{f} = {sql.pick(f)}"
 
 
