@@ -113,9 +113,11 @@ def claim(
     account, ``FOR NO KEY UPDATE OF accounts, queue_items SKIP LOCKED``: an item is taken only if
     both rows are free, so other workers pass by the items and every other item of the accounts this
     batch holds, and this batch passes by the items of accounts another transaction holds (another
-    worker's batch, an import, a request) without locking them. The account is locked first: an item
-    whose account is held is never locked, so a request cancelling it does not wait for this batch.
-    SQLite has one writer, and the claim takes the database's write lock for the batch up front. A
+    worker's batch, an import, a request) without locking them. The account is locked first (the
+    order of ``OF``, which is the order PostgreSQL locks a row's tables in; a test checks it): an
+    item whose account is held is never locked, so a request cancelling it does not wait for this
+    batch. The other way round, an account whose item another transaction holds stays locked by
+    this batch, unused, until it commits (a row lock is not given back early). SQLite has one writer, and the claim takes the database's write lock for the batch up front. A
     worker that dies leaves its items pending (its transaction rolls back, and nothing was sent:
     network sends wait for the commit)."""
     postgres = dialect_name(session) == "postgresql"
