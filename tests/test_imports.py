@@ -1035,3 +1035,41 @@ def test_account_indexes_on_tab_strategy_and_campaign_are_partial(db):
         ("ix_accounts_campaign_id", "campaign_id"),
     ):
         assert f"WHERE {column} IS NOT NULL" in defs[name].replace("(", "").replace(")", ""), defs[name]
+
+
+def test_the_pipelined_path_hands_the_gil_over_quickly_and_restores_the_interval(org, db, clock, pipelined_calls):
+    """The reading thread gives the writer thread the GIL every half millisecond while the pipelined
+    path runs (the database otherwise waits for the writer; docs/benchmarks.md), and the process's
+    own interval is back once the last pipelined import ends, also when two overlap."""
+    import sys
+    import threading
+
+    from duecourse.ledger import imports
+
+    before = sys.getswitchinterval()
+    seen: list[float] = []
+    with db.transaction() as s:
+        run_import(s, organization_id=org.id, kind="accounts", stream=io.BytesIO(MORE_ACCOUNTS.encode()),
+                   now=clock.now(), batch_rows=1, progress=lambda _b, _r: seen.append(sys.getswitchinterval()))
+    pipelined = db.engine.dialect.name == "postgresql"
+    assert pipelined_calls == ([True] if pipelined else [])
+    during = imports.PIPELINE_SWITCH_INTERVAL if pipelined else before
+    assert seen and all(x == during for x in seen[:-1])  # (the last call comes after the writer is done)
+    assert sys.getswitchinterval() == before
+    # Two at once (an upload while a CLI-like import runs in the same process): restored by the last.
+    first_in, release = threading.Event(), threading.Event()
+
+    def other() -> None:
+        with imports._quick_gil_handoff():
+            first_in.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    first_in.wait(10)
+    with imports._quick_gil_handoff():
+        assert sys.getswitchinterval() == imports.PIPELINE_SWITCH_INTERVAL
+    assert sys.getswitchinterval() == imports.PIPELINE_SWITCH_INTERVAL  # the other is still running
+    release.set()
+    thread.join(10)
+    assert sys.getswitchinterval() == before

@@ -33,8 +33,9 @@ from __future__ import annotations
 import contextlib
 import io
 import queue
+import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from functools import lru_cache
@@ -1050,6 +1051,34 @@ def _encoded(stager: _Stager, batch: list[tuple[Any, ...]]) -> list[tuple[Any, .
     return batch if encoded is None else (*encoded, len(batch))
 
 
+# While the pipelined path runs, the reading thread hands the GIL over every half millisecond
+# instead of Python's default 5 ms: the writer thread needs it only for a moment to send the next
+# batch, and the database, the bottleneck, otherwise sat idle waiting for that moment (a million
+# accounts and three million invoices: 60 s instead of 70 s on PostgreSQL, same CPU). The interval
+# is process-wide; it is restored when the last pipelined import in the process ends.
+PIPELINE_SWITCH_INTERVAL = 0.0005
+_handoff_lock = threading.Lock()
+_handoff_users = 0
+_handoff_saved = 0.0
+
+
+@contextlib.contextmanager
+def _quick_gil_handoff() -> Iterator[None]:
+    global _handoff_users, _handoff_saved
+    with _handoff_lock:
+        if _handoff_users == 0:
+            _handoff_saved = sys.getswitchinterval()
+            sys.setswitchinterval(min(_handoff_saved, PIPELINE_SWITCH_INTERVAL))
+        _handoff_users += 1
+    try:
+        yield
+    finally:
+        with _handoff_lock:
+            _handoff_users -= 1
+            if _handoff_users == 0:
+                sys.setswitchinterval(_handoff_saved)
+
+
 def _run_pipelined(
     session: Session,
     kind: ImportKind,
@@ -1071,30 +1100,31 @@ def _run_pipelined(
         errors = ErrorLog(1)  # any error sends the file to the general path, which reports them all
         validate = RowValidator(kind, errors)
         writer = _ChunkWriter(stager, sql, org.base_currency)
-        writer.start()
         row = 0
-        try:
-            batch: list[tuple[Any, ...]] = []
-            for row, line, record in read_records(buffered, kind, file_format, errors, validate.use_header):
-                staged = None if record is None else validate(row, line, record)
-                if staged is None:
-                    break
-                batch.append(staged)
-                if len(batch) >= batch_rows:
-                    writer.batches.put(_encoded(stager, batch))
-                    batch = []
-                    if writer.failed is not None:
+        with _quick_gil_handoff():
+            writer.start()
+            try:
+                batch: list[tuple[Any, ...]] = []
+                for row, line, record in read_records(buffered, kind, file_format, errors, validate.use_header):
+                    staged = None if record is None else validate(row, line, record)
+                    if staged is None:
                         break
-                    if progress:
-                        progress(counting.bytes_read, row)
-            else:
-                if batch:
-                    writer.batches.put(_encoded(stager, batch))
-        except FileAbort:
-            pass
-        finally:
-            writer.batches.put(None)
-            writer.join()
+                    batch.append(staged)
+                    if len(batch) >= batch_rows:
+                        writer.batches.put(_encoded(stager, batch))
+                        batch = []
+                        if writer.failed is not None:
+                            break
+                        if progress:
+                            progress(counting.bytes_read, row)
+                else:
+                    if batch:
+                        writer.batches.put(_encoded(stager, batch))
+            except FileAbort:
+                pass
+            finally:
+                writer.batches.put(None)
+                writer.join()
         if errors or writer.failed is not None:
             if writer.failed is not None and not isinstance(writer.failed, Exception):
                 raise writer.failed  # KeyboardInterrupt, SystemExit
