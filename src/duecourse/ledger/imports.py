@@ -551,7 +551,7 @@ def _accounts_check(sql: _Sql, errors: ErrorLog) -> None:
     # A blocked account has a reason, and only a blocked one (SPEC §2, as in the API), judged on the
     # account as the row leaves it: a column the row leaves out keeps the stored value.
     blocked = _after_row(sql, "blocked")
-    reason = f"(CASE WHEN {sql.has('blocked_reason')} OR t.id IS NULL THEN s.blocked_reason ELSE {_stored_reason()} END)"
+    reason = _after_row(sql, "blocked_reason", _stored_reason())
     sql.errors(
         f"""SELECT s.row_no, COUNT(*) OVER () FROM {STAGE} s LEFT JOIN accounts t ON t.id = s.target_id
             WHERE {blocked} AND {reason} IS NULL""",
@@ -574,10 +574,11 @@ def _stored_reason() -> str:
     return "(CASE WHEN t.blocked THEN t.blocked_reason END)"
 
 
-def _after_row(sql: _Sql, f: str) -> str:
+def _after_row(sql: _Sql, f: str, stored: str | None = None) -> str:
     """SQL: the account's ``f`` once the staged row ``s`` is applied to the stored account ``t``
-    (``t`` is NULL for a new account: the row's value, or the column's default)."""
-    return f"(CASE WHEN {sql.has(f)} OR t.id IS NULL THEN s.{f} ELSE t.{f} END)"
+    (``t`` is NULL for a new account: the row's value, or the column's default; ``stored``: what
+    the stored account contributes, if not ``t.f``)."""
+    return f"(CASE WHEN {sql.has(f)} OR t.id IS NULL THEN s.{f} ELSE {stored or 't.' + f} END)"
 
 
 # Opt-outs only ever go one way in an import: a file can opt an account out of a channel, never
@@ -923,10 +924,11 @@ def _after_apply(session: Session, sql: _Sql, stager: _Stager, report: ImportRep
 # while the writer waits for the GIL). Each chunk's INSERT only writes rows the general path
 # would accept as new: an existing row or a duplicate within the file fails it on the unique
 # external id; for accounts a blocked row without a reason (or an unblocked one with one), and for
-# invoices the account lookup and the currency and decimal-places rules, are left out by its WHERE. So if a chunk's INSERT fails or writes fewer rows than the chunk holds,
-# or Python finds a bad row, the whole attempt is rolled back to a savepoint and the general path
-# runs from the start of the file, producing exactly its own result or report. A successful run
-# writes exactly what the general path writes for the same file.
+# invoices the account lookup and the currency and decimal-places rules, are left out by its
+# WHERE. So if a chunk's INSERT fails or writes fewer rows than the chunk holds, or Python finds a
+# bad row, the whole attempt is rolled back to a savepoint and the general path runs from the start
+# of the file, producing exactly its own result or report. A successful run writes exactly what
+# the general path writes for the same file.
 
 PIPELINE_CHUNK_ROWS = 25_000
 # Batches validated ahead of the writer (memory stays bounded): enough for the reader to keep
