@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import platform
+import secrets
 import sqlite3
 import time
 from datetime import UTC, datetime, timedelta
@@ -20,6 +21,10 @@ from typing import Any
 
 import psycopg
 from sqlalchemy import event, text
+
+# The engine signs every message's unsubscribe link and refuses to sign with no key. Set before
+# duecourse is imported (its settings are read once), and inherited by the worker processes.
+os.environ.setdefault("DUECOURSE_SECRET_KEY", secrets.token_urlsafe(48))
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 ORG_TZ = "Europe/Madrid"

@@ -21,13 +21,19 @@ from sqlalchemy import text
 
 from duecourse.app import create_app
 from duecourse.clock import FixedClock
-from duecourse.config import Settings
+from duecourse.config import Settings, get_settings
 from duecourse.db import Database
 from duecourse.db.migrate import upgrade
 from duecourse.db.models import metadata
 from duecourse.tenancy import service as tenancy
 from duecourse.tenancy.models import Role, User
 from duecourse.tenancy.security import hash_password
+
+# The engine's default providers sign every message's unsubscribe link with the process's key and
+# never with an empty one; the CLI and the app fill the key in (resolve_secret_key), tests do it here.
+_PROCESS_SETTINGS = get_settings()
+if not _PROCESS_SETTINGS.secret_key:
+    _PROCESS_SETTINGS.secret_key = "tests-only-secret-key-0123456789abcdef"
 
 PG_ADMIN_URL = os.environ.get("DUECOURSE_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 REQUIRE_PG = os.environ.get("DUECOURSE_REQUIRE_POSTGRES") == "1"

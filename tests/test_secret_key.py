@@ -287,3 +287,16 @@ def test_web_login_session_cookie_is_secure_only_under_https(db, clock, login_us
         attrs = _set_cookie(r, "duecourse_session")
         assert ("secure" in attrs) is secure
         assert "httponly" in attrs
+
+
+def test_the_engine_never_signs_an_unsubscribe_link_with_an_empty_key() -> None:
+    """Code that runs the engine without the CLI or the app (which fill in or require the key)
+    must not send links anyone could forge."""
+    from duecourse.channels.links import UnsubscribeTarget, read_unsubscribe_token
+    from duecourse.channels.registry import Providers
+
+    target = {"organization_id": 1, "account_id": 2, "channel": "email"}
+    with pytest.raises(SecretKeyError, match="unsubscribe links"):
+        Providers(Settings(database_url=PG_URL, secret_key=""), sandbox_only=True).unsubscribe_link(**target)
+    link = Providers(Settings(database_url=PG_URL, secret_key=GOOD_KEY), sandbox_only=True).unsubscribe_link(**target)
+    assert read_unsubscribe_token(GOOD_KEY, link.rsplit("/", 1)[1]) == UnsubscribeTarget(1, 2, "email")

@@ -19,7 +19,7 @@ from duecourse.channels.base import Provider
 from duecourse.channels.links import unsubscribe_url
 from duecourse.channels.sandbox import SandboxProvider
 from duecourse.channels.secrets import key_from_settings
-from duecourse.config import Settings, get_settings
+from duecourse.config import SecretKeyError, Settings, get_settings
 
 # provider name -> "module:Class"; each adapter module is imported only when an organization uses it.
 ADAPTERS = {
@@ -63,6 +63,13 @@ class Providers:
         return adapter(dict(config.settings), channel_config.read_secrets(config, self.key), env)
 
     def unsubscribe_link(self, *, organization_id: int, account_id: int, channel: str) -> str:
+        if not self.settings.secret_key:
+            # Never sign with an empty key (anyone could forge the link). The CLI and the app fill
+            # in or require the key; code that runs the engine directly must set it too.
+            raise SecretKeyError(
+                "No key to sign unsubscribe links with: set DUECOURSE_SECRET_KEY (the same in every process), "
+                "or give the engine settings that have one"
+            )
         return unsubscribe_url(
             self.settings.public_url, self.settings.secret_key,
             organization_id=organization_id, account_id=account_id, channel=channel,
