@@ -117,9 +117,10 @@ def claim(
     order of ``OF``, which is the order PostgreSQL locks a row's tables in; a test checks it): an
     item whose account is held is never locked, so a request cancelling it does not wait for this
     batch. The other way round, an account whose item another transaction holds stays locked by
-    this batch, unused, until it commits (a row lock is not given back early). SQLite has one writer, and the claim takes the database's write lock for the batch up front. A
-    worker that dies leaves its items pending (its transaction rolls back, and nothing was sent:
-    network sends wait for the commit)."""
+    this batch, unused, until it commits (a row lock is not given back early). SQLite has one
+    writer, and the claim takes the database's write lock for the batch up front. A worker that
+    dies leaves its items pending (its transaction rolls back, and nothing was sent: network sends
+    wait for the commit)."""
     postgres = dialect_name(session) == "postgresql"
     if not postgres:
         serialize_on(session, QueueItem.__table__, 0)  # SQLite: the database's write lock, before reading
